@@ -1,0 +1,49 @@
+# Development tasks. Needs only python3 (>= 3.10) and make; everything else is
+# installed into .venv on first use, and re-installed when pyproject.toml changes.
+
+PYTHON ?= python3
+EXTRA ?= dev
+PYTEST_ARGS ?=
+
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(EXTRA)
+# bench/ is linted too once it exists.
+LINT_PATHS := src tests examples $(wildcard bench)
+
+.DEFAULT_GOAL := test
+.PHONY: venv demo test lint format bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[$(EXTRA)]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python examples/demo.py
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
+	$(BIN)/mypy
+
+format: $(STAMP)
+	$(BIN)/ruff format $(LINT_PATHS)
+	$(BIN)/ruff check --fix $(LINT_PATHS)
+
+bench: $(STAMP)
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info src/*.egg-info
+	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis .coverage htmlcov
+	rm -rf examples/instance
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+	if [ -d examples ]; then find examples -name '*.log' -type f -delete; fi

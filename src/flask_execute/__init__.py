@@ -1,0 +1,51 @@
+"""flask-execute: Celery for Flask, effortless.
+
+``celery = Celery(app)``; ``celery.submit(any_function, *args)`` returns a real
+``concurrent.futures.Future``.
+"""
+
+from __future__ import annotations
+
+import typing as t
+
+from .context import current_task
+from .errors import BrokerUnavailable
+from .errors import ConfigurationError
+from .errors import ExecuteError
+from .errors import RemoteError
+from .errors import SerializationError
+from .errors import ServiceStartError
+from .errors import SignatureError
+from .errors import TaskTimeoutError
+from .futures import Future
+from .futures import FuturePool
+from .plugin import RESERVED_OPTIONS
+from .plugin import Celery
+from .plugin import RemoteTraceback
+
+__all__ = [
+    "RESERVED_OPTIONS",
+    "BrokerUnavailable",
+    "Celery",
+    "ConfigurationError",
+    "ExecuteError",
+    "Future",
+    "FuturePool",
+    "RemoteError",
+    "RemoteTraceback",
+    "SerializationError",
+    "ServiceStartError",
+    "SignatureError",
+    "TaskTimeoutError",
+    "current_task",
+]
+
+
+def __getattr__(name: str) -> t.Any:
+    # `celery -A flask_execute.celery worker`: the Celery app of the Flask app found
+    # through FLASK_APP (factories included) or a boot file written by the web process.
+    if name == "celery":
+        from ._boot import celery_app
+
+        return celery_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,243 @@
+"""How a worker process finds (builds) the same Flask app as the process that started it.
+
+At ``init_app`` we record a *locator* for the app: the module attribute holding it, the
+factory function that built it (found on the call stack), a script file run as
+``python app.py``, or — for apps built anywhere else (a test body, a notebook) — a bare
+app of the same name. At start-up the web process writes a private boot file with the
+locator, its ``sys.path`` and a snapshot of the app's effective config; the worker
+rebuilds the app through the locator while that snapshot is *pinned* (config writes of
+the factory to those keys are ignored), so the worker sees the same effective config as
+the web process — including overrides a test applied after ``create_app``.
+
+Without a boot file (``celery -A flask_execute.celery worker`` by hand), the app is
+found like ``flask`` finds it: ``FLASK_APP`` or ``app.py`` / ``wsgi.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dis
+import importlib
+import importlib.util
+import logging
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+import types
+import typing as t
+from collections.abc import Iterator
+
+from flask import Config
+from flask import Flask
+
+from .local import BOOT_ENV
+from .local import CHILD_ENV
+from .local import LIFELINE_FD_ENV
+from .local import READY_FD_ENV
+
+__all__ = ["celery_app", "locate"]
+
+log = logging.getLogger(__name__)
+Locator = tuple[t.Any, ...]
+_PARENT_GRACE = 10.0
+
+
+def locate(app: Flask) -> Locator:
+    """Find how to rebuild ``app`` in another process. Called from ``init_app``."""
+    module = sys.modules.get(app.import_name)
+    if module is not None:
+        for attr, value in vars(module).items():
+            if value is app:
+                return _from_module(module, attr, factory=False)
+    frame = sys._getframe(1)
+    while frame is not None:
+        name = frame.f_globals.get("__name__", "")
+        if not name.startswith("flask_execute"):
+            func = frame.f_globals.get(frame.f_code.co_name)
+            if (
+                getattr(func, "__code__", None) is frame.f_code
+                and _returns_local_app(frame, app)
+            ):
+                mod = sys.modules.get(name)
+                if mod is not None:
+                    return _from_module(mod, frame.f_code.co_name, factory=True)
+        frame = frame.f_back  # type: ignore[assignment]
+    return ("bare",)
+
+
+def _returns_local_app(frame: types.FrameType, app: Flask) -> bool:
+    """Does the function of ``frame`` end by returning the local that holds ``app``?"""
+    names = {n for n, v in frame.f_locals.items() if v is app}
+    if not names or frame.f_code.co_flags & (0x20 | 0x80 | 0x200):  # generators, coroutines
+        return False
+    previous = None
+    for ins in dis.get_instructions(frame.f_code):
+        if ins.opname in ("RETURN_VALUE",) and previous is not None:
+            if previous.opname.startswith("LOAD_FAST") and previous.argval in names:
+                return True
+        if ins.opname == "RETURN_LOCAL" and ins.argval in names:  # pragma: no cover
+            return True
+        previous = ins
+    return False
+
+
+def _from_module(module: types.ModuleType, attr: str, *, factory: bool) -> Locator:
+    if module.__name__ == "__main__":
+        path = getattr(module, "__file__", None)
+        if not path:
+            return ("bare",)
+        return ("file", os.path.abspath(path), attr, factory)
+    return ("module", module.__name__, attr, factory)
+
+
+# --- config pinning ------------------------------------------------------------------
+class _PinnedConfig(Config):
+    """A Config whose pinned keys ignore writes while the worker rebuilds the app."""
+
+    pinned: dict[str, t.Any]
+
+    def __setitem__(self, key: str, value: t.Any) -> None:
+        if key in self.__dict__.get("pinned", {}):
+            return
+        super().__setitem__(key, value)
+
+    def update(self, *args: t.Any, **kwargs: t.Any) -> None:  # type: ignore[override]
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+
+@contextlib.contextmanager
+def _pinned(snapshot: dict[str, t.Any]) -> Iterator[list[Flask]]:
+    original = Flask.make_config
+    created: list[Flask] = []
+
+    def make_config(self: Flask, instance_relative: bool = False) -> Config:
+        config = original(self, instance_relative)
+        pinned = _PinnedConfig(config.root_path, dict(config))
+        dict.update(pinned, snapshot)
+        pinned.pinned = snapshot
+        created.append(self)
+        return pinned
+
+    Flask.make_config = make_config  # type: ignore[method-assign]
+    try:
+        yield created
+    finally:
+        Flask.make_config = original  # type: ignore[method-assign]
+        for app in created:
+            if isinstance(app.config, _PinnedConfig):
+                app.config.pinned = {}
+
+
+def build(boot: dict[str, t.Any]) -> Flask:
+    """Rebuild the app described by a boot file's content."""
+    for path in reversed(boot["sys_path"]):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    locator = boot["locator"]
+    with _pinned(boot["config"]):
+        kind = locator[0]
+        if kind == "module":
+            _, module_name, attr, factory = locator
+            obj = getattr(importlib.import_module(module_name), attr)
+        elif kind == "file":
+            _, path, attr, factory = locator
+            name = os.path.splitext(os.path.basename(path))[0]
+            module = sys.modules.get(name)
+            if getattr(module, "__file__", None) != path:
+                spec = importlib.util.spec_from_file_location(name, path)
+                assert spec is not None and spec.loader is not None
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[name] = module
+                spec.loader.exec_module(module)
+            obj = getattr(module, attr)
+        else:
+            factory = False
+            from .plugin import Celery
+
+            obj = Flask(
+                boot["import_name"],
+                root_path=boot["root_path"],
+                instance_path=boot["instance_path"],
+            )
+            Celery(obj, base_task=boot.get("base_task"))
+        app = obj() if factory else obj
+    if not isinstance(app, Flask):
+        raise RuntimeError(f"The app locator {locator!r} did not give a Flask app.")
+    return app
+
+
+# --- the worker's entry point: flask_execute.celery --------------------------------
+_lock = threading.Lock()
+_celery_app: t.Any = None
+
+
+def celery_app() -> t.Any:
+    """The Celery app of the Flask app this process serves (``flask_execute.celery``)."""
+    global _celery_app
+    with _lock:
+        if _celery_app is None:
+            boot_path = os.environ.get(BOOT_ENV)
+            if boot_path:
+                with open(boot_path, "rb") as f:
+                    # A 0600 file written by the process that started us, not broker data.
+                    app = build(pickle.load(f))
+            else:
+                from flask.cli import ScriptInfo
+
+                app = ScriptInfo(app_import_path=os.environ.get("FLASK_APP")).load_app()
+            state = app.extensions.get("celery")
+            if state is None:
+                raise RuntimeError(
+                    f"The Flask app {app.import_name!r} does not use flask-execute: call"
+                    " Celery(app) or celery.init_app(app) where the app is built."
+                )
+            if os.environ.get(CHILD_ENV):
+                _install_child_hooks()
+            _celery_app = state.controller
+        return _celery_app
+
+
+def _install_child_hooks() -> None:
+    """Report readiness through the ready pipe; shut down when the parent dies."""
+    from celery import signals
+
+    ready_fd = os.environ.pop(READY_FD_ENV, None)
+    lifeline_fd = os.environ.pop(LIFELINE_FD_ENV, None)
+
+    if ready_fd is not None:
+
+        @signals.worker_ready.connect(weak=False)
+        def _ready(**_: t.Any) -> None:
+            try:
+                os.write(int(ready_fd), b"R")
+                os.close(int(ready_fd))
+            except OSError:  # pragma: no cover - parent gone
+                pass
+
+    if lifeline_fd is not None:
+
+        def watch() -> None:
+            fd = int(lifeline_fd)
+            while True:
+                try:
+                    if not os.read(fd, 1):
+                        break
+                except InterruptedError:  # pragma: no cover
+                    continue
+                except OSError:
+                    break
+            log.warning("flask-execute: the process that started this worker is gone;"
+                        " shutting down")
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(_PARENT_GRACE)
+            os.kill(os.getpid(), signal.SIGQUIT)
+            time.sleep(5)
+            os._exit(1)
+
+        @signals.worker_init.connect(weak=False)
+        def _start_watch(**_: t.Any) -> None:
+            threading.Thread(target=watch, name="flask-execute-lifeline", daemon=True).start()

@@ -1,0 +1,175 @@
+"""The worker side of ``submit``: the one registered task that runs any function.
+
+``flask_execute.dispatch`` takes a single argument, a signed envelope (a string, so
+Celery's JSON serializer carries it). It verifies the envelope before anything is
+unpickled; a forged, tampered, expired or misdirected envelope is logged at CRITICAL,
+acknowledged and dropped with :class:`celery.exceptions.Ignore`, which stores no
+result under the attacker's task id. A verified call runs inside the app context (the
+task base class pushes it); its return value travels back sealed the same way, and an
+exception travels as a sealed pickle riding on a JSON-safe stand-in exception that
+keeps the original type's name for logs and Flower.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import typing as t
+
+from celery.exceptions import Ignore
+from celery.exceptions import Reject
+from celery.exceptions import Retry
+
+from .errors import SerializationError
+from .errors import SignatureError
+from .serialization import dump_exception
+from .serialization import dumps
+from .serialization import format_exception
+
+if t.TYPE_CHECKING:
+    from celery import Task
+
+    from .plugin import _State
+
+__all__ = ["DISPATCH", "execute", "make_carrier", "security_log"]
+
+DISPATCH = "flask_execute.dispatch"
+security_log = logging.getLogger("flask_execute.security")
+log = logging.getLogger(__name__)
+_CONTROL_FLOW = (Retry, Ignore, Reject)
+_carriers: dict[tuple[str, str], type[Exception]] = {}
+
+
+def _carrier_class(module: str, qualname: str) -> type[Exception]:
+    carrier_cls = _carriers.get((module, qualname))
+    if carrier_cls is None:
+        carrier_cls = type(
+            qualname.rpartition(".")[2],
+            (Exception,),
+            {
+                "__module__": module,
+                "__qualname__": qualname,
+                "__repr__": lambda self: self.args[2],
+                "__str__": lambda self: self.args[0],
+                # Celery checks that exceptions survive pickle (between pool processes)
+                "__reduce__": lambda self: (_rebuild_carrier, (module, qualname, self.args)),
+                "flask_execute_carrier": True,
+            },
+        )
+        _carriers[(module, qualname)] = carrier_cls
+    return carrier_cls
+
+
+def _rebuild_carrier(module: str, qualname: str, args: tuple[t.Any, ...]) -> Exception:
+    return _carrier_class(module, qualname)(*args)
+
+
+def make_carrier(exc: BaseException, envelope: str) -> Exception:
+    """A JSON-safe exception standing in for ``exc`` in Celery's result backend.
+
+    Celery stores the type's qualname and module (so logs and Flower still read
+    ``ValueError``) and the args, which hold the readable message and the sealed pickle
+    of the real exception.
+    """
+    cls = type(exc)
+    carrier_cls = _carrier_class(cls.__module__, cls.__qualname__)
+    try:
+        message = str(exc)
+        text = repr(exc)
+    except Exception:
+        message = text = f"<unprintable {cls.__qualname__}>"
+    return carrier_cls(message, {"flask_execute": envelope}, text)
+
+
+def _reject(task: Task, exc: SignatureError) -> t.NoReturn:
+    # Never log the envelope or any key; only the reason and the unauthenticated id.
+    security_log.critical(
+        "flask-execute rejected task %s (%s): %s The message was dropped unexecuted.",
+        task.request.id,
+        exc.reason,
+        exc,
+    )
+    raise Ignore()
+
+
+def execute(task: Task, state: _State, envelope: str) -> t.Any:
+    """Verify, unpickle and run one envelope; return the sealed outcome."""
+    tid = task.request.id
+    try:
+        header, payload = state.codec.open(envelope, "call", tid)
+    except SignatureError as exc:
+        _reject(task, exc)
+    label = header.get("fn", "?")
+    if not task.request.is_eager:
+        claim = state.claim(tid, task.request.retries or 0)
+        if claim == "cancelled":
+            log.info("flask-execute: task %s [%s] was cancelled before it started", label, tid)
+            task.backend.mark_as_revoked(tid, "cancelled", request=task.request)
+            raise Ignore()
+        if claim == "duplicate":
+            log.info("flask-execute: task %s [%s] already ran; duplicate dropped", label, tid)
+            raise Ignore()
+    try:
+        call = pickle.loads(payload)
+    except Exception as exc:
+        error = SerializationError(
+            f"The call to {label} cannot be unpickled on worker: {type(exc).__name__}: {exc}."
+            " A function sent by reference must be importable on the worker (same code"
+            " and sys.path as the web process)."
+        )
+        raise _sealed_failure(state, tid, error, format_exception(exc)) from None
+    if header.get("k") == "chunk":
+        func, calls = call
+        outcomes: list[tuple[bool, object]] = []
+        for args, kwargs in calls:
+            try:
+                outcomes.append((True, func(*args, **kwargs)))
+            except _CONTROL_FLOW:
+                raise
+            except Exception as exc:
+                outcomes.append((False, (exc, format_exception(exc))))
+        try:
+            data, by_value = dumps(outcomes)
+        except Exception:
+            # find the one result that cannot travel and report it alone
+            data, by_value = dumps([_portable(label, o) for o in outcomes])
+        return state.codec.seal("result", tid, data, by_value=by_value)
+    func, args, kwargs = call
+    try:
+        value = func(*args, **kwargs)
+    except _CONTROL_FLOW:
+        raise
+    except Exception as exc:
+        raise _sealed_failure(state, tid, exc, format_exception(exc)).with_traceback(
+            exc.__traceback__
+        ) from None
+    try:
+        data, by_value = dumps(value)
+    except Exception as exc:
+        error = SerializationError(
+            f"The return value of {label} ({type(value).__name__}) cannot be serialized:"
+            f" {type(exc).__name__}: {exc}. Return something picklable."
+        )
+        raise _sealed_failure(state, tid, error, format_exception(exc)) from None
+    return state.codec.seal("result", tid, data, by_value=by_value)
+
+
+def _portable(label: str, outcome: tuple[bool, object]) -> tuple[bool, object]:
+    ok, value = outcome
+    try:
+        dumps(value)
+        return outcome
+    except Exception as exc:
+        if ok:
+            error = SerializationError(
+                f"The return value of {label} ({type(value).__name__}) cannot be"
+                f" serialized: {type(exc).__name__}: {exc}. Return something picklable."
+            )
+            return False, (error, "")
+        original, tb_text = t.cast(tuple[BaseException, str], value)
+        return False, (pickle.loads(dump_exception(original, tb_text))[0], tb_text)
+
+
+def _sealed_failure(state: _State, tid: str, exc: BaseException, tb_text: str) -> Exception:
+    envelope = state.codec.seal("error", tid, dump_exception(exc, tb_text))
+    return make_carrier(exc, envelope)

@@ -1,0 +1,83 @@
+"""The few errors callers of flask-execute catch.
+
+Every error raised on purpose by the extension derives from :class:`ExecuteError`.
+Where the standard library already has a meaning for the condition, the error also
+derives from that builtin (``ValueError`` for configuration, ``TypeError`` for
+serialization, ``ConnectionError`` for the broker, ``TimeoutError`` for waits), so
+``except TimeoutError`` keeps working for code written against ``concurrent.futures``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+__all__ = [
+    "BrokerUnavailable",
+    "ConfigurationError",
+    "ExecuteError",
+    "RemoteError",
+    "SerializationError",
+    "ServiceStartError",
+    "SignatureError",
+    "TaskTimeoutError",
+]
+
+
+class ExecuteError(Exception):
+    """Base class of every error flask-execute raises on purpose."""
+
+
+class ConfigurationError(ExecuteError, ValueError):
+    """A configuration key has a wrong value. Raised by ``init_app``; the message
+    names the key, the accepted forms and the value found."""
+
+
+class SerializationError(ExecuteError, TypeError):
+    """A function, an argument or a return value cannot travel to or from a worker.
+
+    Raised by ``submit``/``map``/``apply`` in the caller (naming the argument) and,
+    for return values, raised by ``Future.result()``.
+    """
+
+
+class BrokerUnavailable(ExecuteError, ConnectionError):
+    """The Celery broker could not be reached within the configured bound."""
+
+
+class ServiceStartError(ExecuteError, RuntimeError):
+    """A local worker, beat, Flower or the embedded Redis failed to start.
+
+    The message quotes the tail of the service's log file.
+    """
+
+
+class SignatureError(ExecuteError):
+    """A message or result failed verification and was not deserialized.
+
+    ``reason`` is a short machine-readable word (``bad_mac``, ``expired``,
+    ``malformed``, ``unknown_key``, ``binding_mismatch``, ``python_mismatch``,
+    ``too_large``).
+    """
+
+    def __init__(self, reason: str, message: str | None = None) -> None:
+        self.reason = reason
+        super().__init__(message or f"Signed envelope rejected: {reason}.")
+
+
+class TaskTimeoutError(ExecuteError, concurrent.futures.TimeoutError):
+    """``Future.result(timeout)`` ran out of time; the message says what was seen
+    (task state, target queue, workers that answered)."""
+
+
+class RemoteError(ExecuteError):
+    """A task failed with an exception that could not be rebuilt in the caller.
+
+    ``type_name`` is the ``module.qualname`` of the original exception and
+    ``remote_traceback`` the traceback text from the worker.
+    """
+
+    def __init__(self, type_name: str, message: str, remote_traceback: str = "") -> None:
+        self.type_name = type_name
+        self.remote_message = message
+        self.remote_traceback = remote_traceback
+        super().__init__(f"{type_name}: {message}")

@@ -1,0 +1,768 @@
+"""The ``Celery`` extension: ``init_app``, ``submit``/``apply``/``map``/``get``,
+``status``, ``start``/``stop``.
+
+Nothing app-specific lives on the extension object: each app's Celery app, codec,
+watcher and local services live in ``app.extensions["celery"]`` (a :class:`_State`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import pickle
+import secrets
+import sys
+import threading
+import typing as t
+import uuid
+import weakref
+from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Mapping
+
+import celery as celery_module
+from celery import Task
+from flask import Flask
+from flask import current_app
+from flask import has_app_context
+from kombu.exceptions import OperationalError
+from werkzeug.local import LocalProxy
+
+from . import config as config_module
+from ._boot import locate
+from .context import _eager_listeners
+from .context import make_task_class
+from .control import Inspect
+from .dispatch import DISPATCH
+from .dispatch import execute
+from .errors import BrokerUnavailable
+from .errors import ConfigurationError
+from .errors import RemoteError
+from .errors import SignatureError
+from .futures import READY
+from .futures import Future
+from .futures import FuturePool
+from .futures import _Chunk
+from .local import CHILD_ENV
+from .local import EmbeddedRedis
+from .local import LocalServices
+from .local import redis_answers
+from .local import runtime_dir
+from .local import write_private
+from .serialization import Codec
+from .serialization import derive_key
+from .serialization import dump_call
+from .serialization import dump_calls
+from .serialization import function_label
+from .watcher import Watcher
+from .watcher import make_watcher
+
+__all__ = ["RESERVED_OPTIONS", "Celery"]
+
+log = logging.getLogger(__name__)
+P = t.ParamSpec("P")
+R = t.TypeVar("R")
+
+#: Keyword names ``submit`` and ``map`` take as Celery options, not as arguments of
+#: the function. Use ``apply(func, args, kwargs, **options)`` when a function itself
+#: has a parameter of one of these names.
+RESERVED_OPTIONS = frozenset(
+    {
+        "queue", "countdown", "eta", "expires", "priority", "retry", "retry_policy",
+        "time_limit", "soft_time_limit",
+    }
+)  # fmt: skip
+_REFUSED_OPTIONS = frozenset({"serializer", "args", "kwargs", "shadow", "argsrepr", "kwargsrepr"})
+
+
+class RemoteTraceback(Exception):
+    """The worker-side traceback, attached as ``__cause__`` of a task's exception
+    (as :class:`concurrent.futures.ProcessPoolExecutor` does)."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.tb}"""'
+
+
+class _State:
+    """Everything flask-execute keeps for one app (``app.extensions["celery"]``)."""
+
+    def __init__(self, ext: Celery, app: Flask) -> None:
+        self.extension = ext
+        self.app = app
+        self.settings = config_module.load(app.config)
+        celery_settings = config_module.celery_settings(app.config)
+        self.is_child = bool(os.environ.get(CHILD_ENV))
+        self.eager = self.settings.always_eager
+        self.runtime_dir = runtime_dir(f"{app.instance_path}|{app.import_name}")
+        self.embedded_broker: EmbeddedRedis | None = None
+        self.broker_url, self.backend_url = self._urls()
+        self.codec = Codec(
+            *_signing_keys(app, self.settings, self.runtime_dir),
+            max_size=self.settings.max_message_size,
+        )
+        self.locator = locate(app)
+        self.task_class = make_task_class(app, ext.base_task)
+        self.controller = celery_module.Celery(
+            app.import_name, task_cls=self.task_class, set_as_current=False
+        )
+        timeout = self.settings.broker_timeout
+        retry = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}
+        conf: dict[str, object] = {
+            "broker_url": self.broker_url,
+            "result_backend": self.backend_url,
+            "task_track_started": True,
+            "broker_connection_retry_on_startup": True,
+            "broker_connection_timeout": timeout,
+            "broker_connection_max_retries": 2,
+            "broker_transport_options": {"socket_connect_timeout": timeout, **retry},
+            "task_publish_retry_policy": retry,
+            "redis_socket_connect_timeout": timeout,
+            "worker_hijack_root_logger": True,
+        }
+        conf.update(celery_settings)
+        self.controller.conf.update(conf)
+        self.controller.flask_app = app
+        self.controller.flask_execute = self
+        state = self
+
+        @self.controller.task(name=DISPATCH, bind=True, shared=False, typing=False)
+        def dispatch(task: Task, envelope: str) -> t.Any:
+            return execute(task, state, envelope)
+
+        self.dispatch = dispatch
+        self._watcher: Watcher | None = None
+        self._watcher_lock = threading.Lock()
+        self.services = LocalServices(self)
+        self._started = False
+        self._start_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"<flask-execute state of {self.app.import_name!r} broker={self.broker_url!r}>"
+
+    # --- configuration -------------------------------------------------------------
+    def _urls(self) -> tuple[str, str]:
+        s = self.settings
+        broker = s.broker_url
+        if broker is None:
+            local = s.start_local_workers and not self.eager and s.embedded_broker
+            if local and not self.is_child and not redis_answers():
+                self.embedded_broker = EmbeddedRedis(
+                    os.path.join(self.runtime_dir, "redis"),
+                    unix_socket=os.path.join(self.runtime_dir, "redis.sock"),
+                    log_path=os.path.join(s.log_dir or os.getcwd(), "redis.log"),
+                )
+                broker = self.embedded_broker.url
+            else:
+                broker = config_module.DEFAULT_BROKER_URL
+        backend = s.result_backend
+        if backend is None:
+            backend = broker if broker.startswith(("redis", "rediss")) else "rpc://"
+        return broker, backend
+
+    @property
+    def watcher(self) -> Watcher:
+        if self._watcher is None:
+            with self._watcher_lock:
+                if self._watcher is None:
+                    self._watcher = make_watcher(self.controller.backend)
+        return self._watcher
+
+    def write_bootfile(self) -> str:
+        """Write what a local worker needs to rebuild this app (private file)."""
+        snapshot: dict[str, object] = {}
+        for key, value in self.app.config.items():
+            try:
+                pickle.dumps(value)
+            except Exception:
+                log.debug("flask-execute: config key %s is not picklable; not pinned", key)
+                continue
+            snapshot[key] = value
+        snapshot["CELERY_BROKER_URL"] = self.broker_url
+        snapshot["CELERY_RESULT_BACKEND"] = self.backend_url
+        snapshot["CELERY_SIGNING_KEY"] = self.codec_keys[0]
+        snapshot["CELERY_SIGNING_KEY_FALLBACKS"] = self.codec_keys[1]
+        path = os.path.join(self.runtime_dir, f"boot-{os.getpid()}.pickle")
+        write_private(
+            path,
+            {
+                "locator": self.locator,
+                "config": snapshot,
+                "sys_path": [p or os.getcwd() for p in sys.path],
+                "import_name": self.app.import_name,
+                "root_path": self.app.root_path,
+                "instance_path": self.app.instance_path,
+                "base_task": self.extension.base_task,
+            },
+        )
+        return path
+
+    @property
+    def codec_keys(self) -> tuple[bytes, list[bytes]]:
+        return _signing_keys(self.app, self.settings, self.runtime_dir)
+
+    # --- local services -------------------------------------------------------------
+    def ensure_started(self) -> None:
+        """Start local services on first use, once, unless disabled."""
+        if self._started:
+            return
+        with self._start_lock:
+            if self._started:
+                return
+            if self.settings.start_local_workers and not self.eager and not self.is_child:
+                self.services.start()
+            self._started = True
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._start_lock:
+            self.services.stop(timeout)
+            self._started = False
+
+    # --- publishing ------------------------------------------------------------------
+    def seal_call(
+        self,
+        task_id: str,
+        payload: bytes,
+        by_value: bool,
+        label: str,
+        options: Mapping[str, t.Any],
+        kind: str = "call",
+    ) -> str:
+        extra = {"fn": label, "k": kind} if kind != "call" else {"fn": label}
+        return self.codec.seal(
+            "call",
+            task_id,
+            payload,
+            by_value=by_value,
+            not_before=_not_before(options),
+            extra=extra,
+        )
+
+    def publish(
+        self,
+        items: list[tuple[str, str, Future[t.Any] | _Chunk]],
+        label: str,
+        options: dict[str, t.Any],
+    ) -> None:
+        """Publish envelopes (one producer connection for all of them)."""
+        watcher = self.watcher_or_error()
+        for task_id, _, handler in items:
+            watcher.watch(task_id, handler)
+        try:
+            with self.controller.producer_or_acquire() as producer:
+                for task_id, envelope, _ in items:
+                    self.dispatch.apply_async(
+                        (envelope,),
+                        task_id=task_id,
+                        shadow=label,
+                        argsrepr=f"<{label}>",
+                        kwargsrepr="{}",
+                        producer=producer,
+                        **options,
+                    )
+        except (OperationalError, OSError) as exc:
+            for task_id, _, _ in items:
+                watcher.forget(task_id)
+            raise BrokerUnavailable(
+                f"Cannot reach the Celery broker at {_safe_url(self.broker_url)}: {exc}."
+                " Is it running? (CELERY_BROKER_URL)"
+            ) from exc
+
+    def watcher_or_error(self) -> Watcher:
+        try:
+            watcher = self.watcher
+            watcher._ensure_running()
+            return watcher
+        except (ConnectionError, OSError) as exc:
+            raise BrokerUnavailable(
+                f"Cannot reach the result backend at {_safe_url(self.backend_url)}: {exc}."
+                " Is it running? (CELERY_RESULT_BACKEND)"
+            ) from exc
+
+    def run_eager(self, handler: Future[t.Any] | _Chunk, task_id: str, envelope: str) -> None:
+        members = handler.members if isinstance(handler, _Chunk) else [handler]
+
+        def listener(state: str, meta: object) -> None:
+            for member in members:
+                member._on_state(state, meta)
+
+        token = _eager_listeners.set(listener)
+        try:
+            for member in members:
+                member._on_state("STARTED")
+            result = self.dispatch.apply((envelope,), task_id=task_id, throw=False)
+        finally:
+            _eager_listeners.reset(token)
+        if result.state == "SUCCESS":
+            meta = {"status": "SUCCESS", "result": result.result}
+        else:
+            exc = result.result
+            args = list(getattr(exc, "args", ()))
+            meta = {
+                "status": "FAILURE",
+                "result": {"exc_message": args, "exc_type": type(exc).__qualname__,
+                           "exc_module": type(exc).__module__},
+                "traceback": result.traceback,
+            }
+            if not getattr(exc, "flask_execute_carrier", False):
+                self._finish_all(members, "FAILURE", exc=_with_traceback(exc, result.traceback))
+                return
+        handler._on_meta(meta)
+
+    # --- outcomes (called by the watcher) ---------------------------------------------
+    def apply_meta(self, future: Future[t.Any], meta: dict[str, t.Any]) -> None:
+        status = meta.get("status")
+        if status not in READY:
+            future._on_state(str(status), meta.get("result"))
+        elif status == "SUCCESS":
+            try:
+                future._finish("SUCCESS", self.open_result(future.id, meta.get("result")))
+            except Exception as exc:
+                future._finish("FAILURE", exc=exc)
+        elif status == "FAILURE":
+            future._finish("FAILURE", exc=self.decode_failure(future.id, meta))
+        else:
+            future._finish("REVOKED")
+
+    def apply_chunk_meta(self, chunk: _Chunk, meta: dict[str, t.Any]) -> None:
+        status = meta.get("status")
+        members = chunk.members
+        if status not in READY:
+            for member in members:
+                member._on_state(str(status), meta.get("result"))
+        elif status == "SUCCESS":
+            try:
+                outcomes = self.open_result(chunk.task_id, meta.get("result"))
+            except Exception as exc:
+                self._finish_all(members, "FAILURE", exc=exc)
+                return
+            for member, (ok, value) in zip(members, outcomes):
+                if ok:
+                    member._finish("SUCCESS", value)
+                else:
+                    exc, tb_text = value
+                    member._finish("FAILURE", exc=_with_traceback(exc, tb_text))
+        elif status == "FAILURE":
+            exc = self.decode_failure(chunk.task_id, meta)
+            self._finish_all(members, "FAILURE", exc=exc)
+        else:
+            self._finish_all(members, "REVOKED")
+
+    @staticmethod
+    def _finish_all(
+        members: list[Future[t.Any]], state: str, exc: BaseException | None = None
+    ) -> None:
+        for member in members:
+            member._finish(state, exc=exc)
+
+    def open_result(self, task_id: str, envelope: object) -> t.Any:
+        """Verify and unpickle a result envelope.
+
+        :raises SignatureError: the result was not sealed by a worker holding our key
+            for this task id (nothing was unpickled).
+        """
+        _, payload = self.codec.open(envelope, "result", task_id)
+        return pickle.loads(payload)
+
+    def decode_failure(self, task_id: str, meta: Mapping[str, t.Any]) -> BaseException:
+        result = meta.get("result")
+        tb_text = meta.get("traceback") or ""
+        args: t.Any = ()
+        if isinstance(result, BaseException):
+            args = result.args
+        elif isinstance(result, Mapping):
+            args = result.get("exc_message") or ()
+        if isinstance(args, (list, tuple)):
+            for arg in args:
+                if isinstance(arg, Mapping) and "flask_execute" in arg:
+                    try:
+                        _, payload = self.codec.open(arg["flask_execute"], "error", task_id)
+                        exc, remote_tb = pickle.loads(payload)
+                    except SignatureError as err:
+                        return err
+                    return _with_traceback(exc, remote_tb or tb_text)
+        if isinstance(result, BaseException):
+            return _with_traceback(result, tb_text)
+        try:
+            exc = self.controller.backend.exception_to_python(result)
+        except Exception as err:  # Celery refuses to build non-exception classes
+            return RemoteError("unknown", f"unreadable task failure: {err}", tb_text)
+        return _with_traceback(exc, tb_text)
+
+    # --- cancellation ------------------------------------------------------------------
+    def _claim_key(self, task_id: str, attempt: int) -> str:
+        return f"flask-execute:claim:{task_id}:{attempt}"
+
+    def _redis(self) -> t.Any:
+        from celery.backends.redis import RedisBackend
+
+        backend = self.controller.backend
+        return backend.client if isinstance(backend, RedisBackend) else None
+
+    def claim(self, task_id: str, attempt: int) -> str:
+        """Worker side, before running a call: ``run``, ``cancelled`` or ``duplicate``."""
+        client = self._redis()
+        if client is None:
+            return "run"
+        key = self._claim_key(task_id, attempt)
+        if client.set(key, "run", nx=True, ex=int(self.codec.max_age) + 60):
+            return "run"
+        return "cancelled" if client.get(key) == b"cancelled" else "duplicate"
+
+    def cancel_task(self, future: Future[t.Any], terminate: bool) -> bool:
+        """Caller side of ``Future.cancel``: True when the task will never run (or, with
+        ``terminate``, has been stopped)."""
+        if self.eager:
+            return False
+        task_id = future.id
+        client = self._redis()
+        if client is not None:
+            key = self._claim_key(task_id, 0)
+            won = bool(client.set(key, "cancelled", nx=True, ex=int(self.codec.max_age) + 60))
+            if not won and not terminate:
+                return False
+        self.controller.control.revoke(task_id, terminate=terminate, signal="SIGTERM")
+        return True
+
+    def hold(self, future: Future[t.Any]) -> None:
+        if future._chunk is not None:
+            self.watcher.hold(future._chunk.task_id, future._chunk)
+        elif not self.eager:
+            self.watcher.hold(future.id, future)
+
+    def describe_wait(self, future: Future[t.Any]) -> str:
+        if future.state != "PENDING":
+            return ""
+        if not self.settings.start_local_workers:
+            return (
+                " No worker has started it: local workers are off"
+                " (CELERY_START_LOCAL_WORKERS=False); is a worker running for this app"
+                f" on broker {_safe_url(self.broker_url)}?"
+            )
+        queue = future._queue
+        if queue:
+            consumers = [
+                name
+                for name, options in self.settings.workers.items()
+                if queue in t.cast(list[str], options.get("queues", []))
+            ]
+            if not consumers:
+                return (
+                    f" No local worker consumes queue {queue!r} (CELERY_WORKERS);"
+                    " add it to a worker's 'queues'."
+                )
+        return " No worker has started it yet."
+
+    # --- operating ---------------------------------------------------------------------
+    def ping(self, timeout: float = 1.0, limit: int | None = None) -> dict[str, str]:
+        replies = self.controller.control.broadcast(
+            "ping", reply=True, timeout=timeout, limit=limit
+        )
+        out: dict[str, str] = {}
+        for reply in replies or ():
+            for name, answer in reply.items():
+                ok = isinstance(answer, Mapping) and answer.get("ok") == "pong"
+                out[name] = "OK" if ok else str(answer)
+        return out
+
+
+def _with_traceback(exc: BaseException, tb_text: str | None) -> BaseException:
+    if tb_text and exc.__cause__ is None:
+        exc.__cause__ = RemoteTraceback(tb_text)
+    return exc
+
+
+def _not_before(options: Mapping[str, t.Any]) -> float | None:
+    eta = options.get("eta")
+    if isinstance(eta, datetime.datetime):
+        return eta.timestamp()
+    countdown = options.get("countdown")
+    if isinstance(countdown, (int, float)):
+        return datetime.datetime.now().timestamp() + countdown
+    return None
+
+
+def _safe_url(url: str) -> str:
+    from kombu.utils.url import maybe_sanitize_url
+
+    return str(maybe_sanitize_url(url))
+
+
+def _signing_keys(app: Flask, settings: config_module.Settings, rundir: str) -> tuple[
+    bytes, list[bytes]
+]:
+    """(signing key, verify-only keys). The newest key signs; all verify."""
+    if settings.signing_keys:
+        key, *older = settings.signing_keys
+        return key, [*older, *settings.signing_key_fallbacks]
+    secret = app.config.get("SECRET_KEY")
+    if secret:
+        fallbacks = app.config.get("SECRET_KEY_FALLBACKS") or []
+        raw = [s.encode() if isinstance(s, str) else s for s in [secret, *fallbacks]]
+        derived = [derive_key(s) for s in raw]
+        return derived[0], [*derived[1:], *settings.signing_key_fallbacks]
+    development = (
+        settings.start_local_workers or settings.always_eager or app.debug or app.testing
+    )
+    if not development:
+        raise ConfigurationError(
+            "flask-execute signs every task and result and needs a key: set 'SECRET_KEY'"
+            " or 'CELERY_SIGNING_KEY' (the same value on the web and worker processes)."
+        )
+    return _development_key(app, rundir), list(settings.signing_key_fallbacks)
+
+
+def _development_key(app: Flask, rundir: str) -> bytes:
+    """A per-app random key created once (0600), shared by local workers."""
+    path = os.path.join(rundir, "signing.key")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        with open(path, "rb") as f:
+            key = f.read()
+        if len(key) >= 32:
+            return key
+        os.unlink(path)
+        return _development_key(app, rundir)
+    key = secrets.token_bytes(32)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key)
+    return key
+
+
+class Celery:
+    """The flask-execute extension: Celery for a Flask app, configured from
+    ``app.config``, with any function submittable and local workers in development.
+
+    ``Celery(app)`` registers directly; ``Celery()`` then ``init_app(app)`` serves the
+    factory pattern, and one instance may serve several apps. ``base_task`` is the
+    Celery ``Task`` subclass every task of this extension derives from.
+    """
+
+    def __init__(self, app: Flask | None = None, *, base_task: type[Task] | None = None) -> None:
+        self.base_task = base_task
+        self._apps: weakref.WeakSet[Flask] = weakref.WeakSet()
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Flask) -> None:
+        """Register the extension on ``app``; validate and read its config once.
+
+        :raises ConfigurationError: a config key has a wrong value (the message names
+            the key and the accepted forms).
+        :raises RuntimeError: the app already has flask-execute registered.
+        """
+        if "celery" in app.extensions:
+            raise RuntimeError(
+                "A 'Celery' instance has already been registered on this Flask app."
+                " Import and use that instance instead."
+            )
+        app.extensions["celery"] = _State(self, app)
+        self._apps.add(app)
+
+    # --- which app --------------------------------------------------------------------
+    def _get_state(self) -> _State:
+        app: Flask | None = None
+        if has_app_context():
+            app = current_app._get_current_object()  # type: ignore[attr-defined]
+            if app not in self._apps:
+                app = None
+        if app is None:
+            apps = list(self._apps)
+            if len(apps) == 1:
+                app = apps[0]
+            elif not apps:
+                raise RuntimeError(
+                    "The flask-execute extension is not registered on any app yet."
+                    " Call 'celery.init_app(app)' (or 'Celery(app)') first; a submit at"
+                    " import time, before the app exists, cannot work."
+                )
+            else:
+                raise RuntimeError(
+                    "This flask-execute extension serves several apps; push an app"
+                    " context ('with app.app_context():') to pick one."
+                )
+        return t.cast(_State, app.extensions["celery"])
+
+    @property
+    def controller(self) -> celery_module.Celery:
+        """The ``celery.Celery`` app of the current Flask app."""
+        return self._get_state().controller
+
+    # --- submitting --------------------------------------------------------------------
+    def submit(self, func: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Future[R]:
+        """Run ``func(*args, **kwargs)`` on a worker; return its :class:`Future`.
+
+        ``func`` needs no registration. Keyword arguments named in
+        :data:`RESERVED_OPTIONS` (``queue``, ``countdown``, ``eta``, ``expires``,
+        ``priority``, ``retry``, ``retry_policy``, ``time_limit``,
+        ``soft_time_limit``) are Celery options; use :meth:`apply` when ``func``
+        itself takes one of those names.
+
+        :raises SerializationError: an argument cannot be serialized (named).
+        :raises BrokerUnavailable: the broker cannot be reached.
+        """
+        options = {k: kwargs.pop(k) for k in list(kwargs) if k in RESERVED_OPTIONS}
+        return self.apply(func, args, kwargs, **options)
+
+    def apply(
+        self,
+        func: Callable[..., R],
+        args: Iterable[t.Any] = (),
+        kwargs: Mapping[str, t.Any] | None = None,
+        **options: t.Any,
+    ) -> Future[R]:
+        """Like :meth:`submit`, with the arguments given explicitly and any
+        ``apply_async`` option (``queue``, ``countdown``, ``eta``, ``routing_key``, …)."""
+        if not callable(func):
+            raise TypeError(f"submit() needs a callable; got {func!r}.")
+        _check_options(options)
+        state = self._get_state()
+        call_args, call_kwargs = _sanitize(state, tuple(args), dict(kwargs or {}))
+        task_id = str(uuid.uuid4())
+        payload, by_value = dump_call(func, call_args, call_kwargs)
+        label = function_label(func)
+        envelope = state.seal_call(task_id, payload, by_value, label, options)
+        future: Future[R] = Future(task_id, state, name=label, queue=options.get("queue"))
+        if state.eager:
+            state.run_eager(future, task_id, envelope)
+            return future
+        state.ensure_started()
+        state.publish([(task_id, envelope, future)], label, options)
+        return future
+
+    def map(
+        self,
+        func: Callable[..., R],
+        *calls: t.Any,
+        chunksize: int | None = None,
+        **kwargs: t.Any,
+    ) -> FuturePool[R]:
+        """Run ``func`` once per positional argument; return a :class:`FuturePool`.
+
+        Each positional argument is ONE call's arguments: a tuple or list is unpacked
+        (``map(add, [1, 2], [3, 4])`` runs ``add(1, 2)`` and ``add(3, 4)``), anything
+        else is passed as the single argument. Keyword arguments are passed to every
+        call (reserved option names excepted). ``chunksize=n`` sends ``n`` calls per
+        message (fewer broker round trips; the members of a chunk finish together).
+        """
+        options = {k: kwargs.pop(k) for k in list(kwargs) if k in RESERVED_OPTIONS}
+        _check_options(options)
+        if chunksize is not None and (not isinstance(chunksize, int) or chunksize < 1):
+            raise ValueError(f"chunksize must be a positive integer; got {chunksize!r}.")
+        state = self._get_state()
+        label = function_label(func)
+        queue = options.get("queue")
+        prepared = []
+        for call in calls:
+            call_args = tuple(call) if isinstance(call, (tuple, list)) else (call,)
+            prepared.append(_sanitize(state, call_args, dict(kwargs)))
+        futures: list[Future[R]] = []
+        items: list[tuple[str, str, Future[t.Any] | _Chunk]] = []
+        size = chunksize or 1
+        for start in range(0, len(prepared), size):
+            batch = prepared[start : start + size]
+            task_id = str(uuid.uuid4())
+            if chunksize is None:
+                payload, by_value = dump_call(func, *batch[0])
+                envelope = state.seal_call(task_id, payload, by_value, label, options)
+                future: Future[R] = Future(task_id, state, name=label, queue=queue)
+                futures.append(future)
+                items.append((task_id, envelope, future))
+            else:
+                payload, by_value = dump_calls(func, batch)
+                envelope = state.seal_call(task_id, payload, by_value, label, options, "chunk")
+                members: list[Future[R]] = [
+                    Future(task_id, state, name=label, queue=queue) for _ in batch
+                ]
+                chunk = _Chunk(task_id, t.cast(list[Future[t.Any]], members))
+                for member in members:
+                    member._chunk = chunk
+                futures.extend(members)
+                items.append((task_id, envelope, chunk))
+        if state.eager:
+            for task_id, envelope, handler in items:
+                state.run_eager(handler, task_id, envelope)
+        elif items:
+            state.ensure_started()
+            state.publish(items, label, options)
+        return FuturePool(futures)
+
+    def get(self, task_id: str) -> Future[t.Any]:
+        """A :class:`Future` for a task submitted earlier (by any process)."""
+        state = self._get_state()
+        future: Future[t.Any] = Future(task_id, state)
+        if not state.eager:
+            state.watcher_or_error().watch(task_id, future, catch_up=True)
+        return future
+
+    # --- local services and operations -----------------------------------------------
+    def start(self) -> None:
+        """Start the local services now (normally done by the first ``submit``).
+
+        :raises ServiceStartError: with the tail of the failing service's log.
+        """
+        state = self._get_state()
+        if state.is_child or state.eager:
+            return
+        with state._start_lock:
+            state.services.start()
+            state._started = True
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the local services this process started (idempotent). Running tasks get
+        ``timeout`` seconds to finish; queued tasks stay in the broker."""
+        self._get_state().stop(timeout)
+
+    def status(self, timeout: float = 1.0) -> dict[str, str]:
+        """``{"name@host": "OK"}`` for every worker answering a broadcast ping.
+
+        Returns as soon as every expected local worker answered, else after
+        ``timeout`` seconds.
+        """
+        state = self._get_state()
+        limit = len(state.settings.workers) if state.services.running else None
+        try:
+            return state.ping(timeout=timeout, limit=limit or None)
+        except (OperationalError, OSError) as exc:
+            raise BrokerUnavailable(
+                f"Cannot reach the Celery broker at {_safe_url(state.broker_url)}: {exc}."
+            ) from exc
+
+    @property
+    def inspect(self) -> Inspect:
+        """``celery.inspect.ping()`` / ``active()`` / ``stats()`` …, in process."""
+        return Inspect(self._get_state().controller)
+
+    @property
+    def control(self) -> t.Any:
+        """Celery's ``Control`` of the current app (``shutdown()``, ``pool_grow(1)``, …)."""
+        return self._get_state().controller.control
+
+
+def _check_options(options: Mapping[str, t.Any]) -> None:
+    refused = sorted(set(options) & _REFUSED_OPTIONS)
+    if refused:
+        raise TypeError(
+            f"Option {refused[0]!r} cannot be set: flask-execute controls how calls travel."
+        )
+
+
+def _sanitize(
+    state: _State, args: tuple[t.Any, ...], kwargs: dict[str, t.Any]
+) -> tuple[tuple[t.Any, ...], dict[str, t.Any]]:
+    """Resolve Werkzeug ``LocalProxy`` arguments (CELERY_SANITIZE_ARGUMENTS)."""
+    if not state.settings.sanitize_arguments:
+        return args, kwargs
+
+    def resolve(value: t.Any) -> t.Any:
+        if isinstance(value, LocalProxy):
+            return value._get_current_object()  # type: ignore[attr-defined]
+        return value
+
+    return tuple(resolve(a) for a in args), {k: resolve(v) for k, v in kwargs.items()}
+
