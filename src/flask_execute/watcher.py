@@ -14,6 +14,7 @@ with done-callbacks (which must fire even if the caller dropped the future).
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 import time
@@ -27,6 +28,14 @@ __all__ = ["Handler", "Watcher", "make_watcher"]
 log = logging.getLogger(__name__)
 
 _SWEEP_EVERY = 5.0
+_watchers: weakref.WeakSet[Watcher] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:
+    # Services (maybe the broker itself) stop at exit; a watcher must not complain.
+    for watcher in list(_watchers):
+        watcher.stop()
 
 
 class Handler(t.Protocol):
@@ -42,6 +51,7 @@ class Watcher:
         self._held: dict[str, Handler] = {}
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        _watchers.add(self)
 
     def __len__(self) -> int:
         with self._lock:
@@ -174,7 +184,7 @@ class RedisWatcher(Watcher):
                 self._error = exc
                 if self._stopping.is_set():
                     break
-                log.warning(
+                (log.warning if backoff >= 1.0 else log.debug)(
                     "flask-execute: result watcher lost the result backend (%r);"
                     " reconnecting in %.1f s",
                     exc,

@@ -1,0 +1,96 @@
+"""Importable functions the tests submit (they travel by reference)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+from flask import current_app
+from flask import g
+
+from flask_execute import current_task
+
+
+def add(x, y):
+    return x + y
+
+
+def fail(message="boom"):
+    raise ValueError(message)
+
+
+class CustomError(Exception):
+    def __init__(self, code, detail):
+        super().__init__(code, detail)
+        self.code = code
+        self.detail = detail
+
+
+def fail_custom():
+    raise CustomError(42, "custom")
+
+
+def unpicklable_result():
+    return threading.Lock()
+
+
+def echo_options(queue, countdown=None):
+    return queue, countdown
+
+
+def config_value(key):
+    return current_app.config.get(key)
+
+
+def app_name():
+    return current_app.import_name
+
+
+def pid():
+    return os.getpid()
+
+
+def touch(path):
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    return path
+
+
+def wait_for_file(path, timeout=20.0):
+    """Block until ``path`` exists (bounded); tests use it to hold a task running."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(path)
+        time.sleep(0.02)
+    return "released"
+
+
+def mark_and_wait(mark, release, timeout=20.0):
+    touch(mark)
+    return wait_for_file(release, timeout)
+
+
+def report_progress(n, delay=0.05):
+    for i in range(n):
+        current_task.update_state(state="PROGRESS", meta={"done": i + 1, "total": n})
+        time.sleep(delay)
+    return n
+
+
+def task_facts():
+    """What a task sees of its context."""
+    before = getattr(g, "seen", None)
+    g.seen = current_task.request.id
+    return {
+        "task_id": current_task.request.id,
+        "bool": bool(current_task),
+        "g_before": before,
+        "app": current_app.import_name,
+    }
+
+
+def sleep(seconds):
+    time.sleep(seconds)
+    return seconds

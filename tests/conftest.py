@@ -1,0 +1,197 @@
+"""Test harness: a private Redis per session, the direct and factory apps with real
+workers, and a check that no test leaves a process behind.
+
+The private Redis is started with the extension's own :class:`EmbeddedRedis` on a free
+port (``FLASK_EXECUTE_TEST_REDIS=redis://host:port`` uses an existing server instead).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from flask_execute.local import EmbeddedRedis
+
+_redis: EmbeddedRedis | None = None
+_tmp = tempfile.TemporaryDirectory(prefix="fe-tests-")
+LOG_DIR = os.path.join(_tmp.name, "logs")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Before any test module imports the test apps: they read the URL at import.
+    global _redis
+    os.makedirs(LOG_DIR, exist_ok=True)
+    os.environ.setdefault("FLASK_EXECUTE_TEST_LOGS", LOG_DIR)
+    if "FLASK_EXECUTE_TEST_REDIS" not in os.environ:
+        _redis = EmbeddedRedis(os.path.join(_tmp.name, "redis"), port=free_port())
+        _redis.start()
+        os.environ["FLASK_EXECUTE_TEST_REDIS"] = _redis.url
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _redis is not None:
+        _redis.stop()
+    _tmp.cleanup()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    return os.environ["FLASK_EXECUTE_TEST_REDIS"]
+
+
+_db = iter(range(3, 16))
+
+
+@pytest.fixture
+def broker_url(redis_url: str) -> str:
+    """A Redis db of its own for one test's app (dbs 1 and 2 serve the shared apps)."""
+    return f"{redis_url}/{next(_db, 15)}"
+
+
+@pytest.fixture(scope="session")
+def log_dir() -> str:
+    return LOG_DIR
+
+
+# --- processes ---------------------------------------------------------------------
+def descendants(pid: int | None = None) -> set[int]:
+    """Every live descendant of ``pid`` (default: this process), from /proc."""
+    pid = pid or os.getpid()
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if fields[0] == "Z":
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(entry))
+    found: set[int] = set()
+    stack = [pid]
+    while stack:
+        for child in parents.get(stack.pop(), []):
+            if child not in found:
+                found.add(child)
+                stack.append(child)
+    return found
+
+
+def wait_gone(pids: set[int], timeout: float = 15.0) -> set[int]:
+    """Wait until none of ``pids`` is alive; return the ones still alive."""
+    deadline = time.monotonic() + timeout
+    alive = set(pids)
+    while alive and time.monotonic() < deadline:
+        alive = {p for p in alive if _alive(p)}
+        if alive:
+            time.sleep(0.05)
+    return alive
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"
+    except OSError:
+        return False
+
+
+_session_groups: set[int] = set()
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
+def _ours(pids: set[int]) -> set[int]:
+    """Drop the session's own long-lived processes (shared workers, private Redis)."""
+    groups = set(_session_groups)
+    if _redis is not None and _redis.pid:
+        groups.add(_redis.pid)
+    return {p for p in pids if _pgid(p) not in groups and _alive(p)}
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_processes() -> Iterator[None]:
+    """Every test must stop what it started (shared-app workers excepted)."""
+    before = descendants()
+    yield
+    leftovers = wait_gone(_ours(descendants() - before), timeout=10)
+    leftovers = _ours(leftovers)
+    assert not leftovers, f"processes left behind: {_describe(leftovers)}"
+
+
+def _describe(pids: set[int]) -> list[str]:
+    out = []
+    for pid in sorted(pids):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode()
+            out.append(f"{pid}: {cmdline[:200]}")
+        except OSError:
+            out.append(f"{pid}: (gone)")
+    return out
+
+
+# --- the shared apps ----------------------------------------------------------------
+def _started(celery: object, app: object) -> Iterator[object]:
+    with app.app_context():  # type: ignore[attr-defined]
+        celery.start()  # type: ignore[attr-defined]
+        state = app.extensions["celery"]  # type: ignore[attr-defined]
+        groups = {child.pid for child in state.services.children}
+    _session_groups.update(groups)
+    try:
+        yield app
+    finally:
+        members = {p for p in descendants() if _pgid(p) in groups}
+        with app.app_context():  # type: ignore[attr-defined]
+            celery.stop()  # type: ignore[attr-defined]
+        _session_groups.difference_update(groups)
+        assert not wait_gone(members), "shared workers survived celery.stop()"
+
+
+@pytest.fixture(scope="session")
+def direct_app() -> Iterator[object]:
+    from tests.apps import direct
+
+    yield from _started(direct.celery, direct.app)
+
+
+@pytest.fixture(scope="session")
+def factory_app() -> Iterator[object]:
+    from tests.apps import factory
+
+    yield from _started(factory.celery, factory.create_app())
+
+
+@pytest.fixture(params=["direct", "factory"])
+def setup(request: pytest.FixtureRequest) -> Iterator[tuple[object, object]]:
+    """(app, celery) for the direct and the factory setup, workers running, with an
+    app context pushed (the factory extension serves several apps)."""
+    if request.param == "direct":
+        from tests.apps import direct
+
+        app, celery = request.getfixturevalue("direct_app"), direct.celery
+    else:
+        from tests.apps import factory
+
+        app, celery = request.getfixturevalue("factory_app"), factory.celery
+    with app.app_context():  # type: ignore[attr-defined]
+        yield app, celery
