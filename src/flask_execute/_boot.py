@@ -56,6 +56,10 @@ def locate(app: Flask) -> Locator:
     while frame is not None:
         name = frame.f_globals.get("__name__", "")
         if not name.startswith("flask_execute"):
+            if frame.f_code.co_name == "<module>" and name in sys.modules:
+                for attr, value in frame.f_globals.items():
+                    if value is app:
+                        return _from_module(sys.modules[name], attr, factory=False)
             func = frame.f_globals.get(frame.f_code.co_name)
             if (
                 getattr(func, "__code__", None) is frame.f_code

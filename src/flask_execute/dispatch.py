@@ -13,6 +13,7 @@ keeps the original type's name for logs and Flower.
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import typing as t
 
@@ -109,6 +110,9 @@ def execute(task: Task, state: _State, envelope: str) -> t.Any:
         if claim == "duplicate":
             log.info("flask-execute: task %s [%s] already ran; duplicate dropped", label, tid)
             raise Ignore()
+        task.update_state(
+            state="STARTED", meta={"pid": os.getpid(), "hostname": task.request.hostname}
+        )
     try:
         call = pickle.loads(payload)
     except Exception as exc:

@@ -130,7 +130,11 @@ class _State:
         self.controller.flask_execute = self
         state = self
 
-        @self.controller.task(name=DISPATCH, bind=True, shared=False, typing=False)
+        # track_started off: execute() reports STARTED itself, after the envelope checked
+        # out, so nothing is ever written under an unauthenticated task id.
+        @self.controller.task(
+            name=DISPATCH, bind=True, shared=False, typing=False, track_started=False
+        )
         def dispatch(task: Task, envelope: str) -> t.Any:
             return execute(task, state, envelope)
 
@@ -169,7 +173,9 @@ class _State:
         if self._watcher is None:
             with self._watcher_lock:
                 if self._watcher is None:
-                    self._watcher = make_watcher(self.controller.backend)
+                    self._watcher = make_watcher(
+                        self.controller.backend, self.settings.broker_timeout
+                    )
         return self._watcher
 
     def write_bootfile(self) -> str:

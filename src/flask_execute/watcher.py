@@ -109,9 +109,10 @@ class Watcher:
 class RedisWatcher(Watcher):
     """The Redis implementation: one pattern subscription, one thread."""
 
-    def __init__(self, backend: t.Any) -> None:
+    def __init__(self, backend: t.Any, connect_timeout: float = 10.0) -> None:
         super().__init__()
         self._backend = backend
+        self._connect_timeout = connect_timeout
         prefix = backend.task_keyprefix
         self._prefix: bytes = prefix if isinstance(prefix, bytes) else prefix.encode()
         self._subscribed = threading.Event()
@@ -127,7 +128,7 @@ class RedisWatcher(Watcher):
                     )
                     self._thread.start()
         # Tasks published before the subscription exists could finish unseen.
-        if not self._subscribed.wait(10):
+        if not self._subscribed.wait(self._connect_timeout):
             raise ConnectionError(
                 "flask-execute could not subscribe to result notifications on the"
                 f" result backend: {self._error!r}"
@@ -184,6 +185,8 @@ class RedisWatcher(Watcher):
                 self._error = exc
                 if self._stopping.is_set():
                     break
+                if not self._subscribed.is_set() and not self._pending_ids():
+                    return  # nobody waits: the next watch() starts a new attempt
                 (log.warning if backoff >= 1.0 else log.debug)(
                     "flask-execute: result watcher lost the result backend (%r);"
                     " reconnecting in %.1f s",
@@ -244,10 +247,10 @@ class PollingWatcher(Watcher):
                 delay = 0.01
 
 
-def make_watcher(backend: t.Any) -> Watcher:
+def make_watcher(backend: t.Any, connect_timeout: float = 10.0) -> Watcher:
     """The watcher suited to ``backend`` (a Celery result backend instance)."""
     from celery.backends.redis import RedisBackend
 
     if isinstance(backend, RedisBackend):
-        return RedisWatcher(backend)
+        return RedisWatcher(backend, connect_timeout)
     return PollingWatcher(backend)
