@@ -9,8 +9,8 @@ from flask import Flask
 from flask import g
 
 from flask_execute import Celery
-from flask_execute import SerializationError
 from flask_execute import current_task
+from flask_execute import SerializationError
 from tests.apps import tasks
 from tests.conftest import descendants
 

@@ -96,9 +96,7 @@ def test_start_timeout_quotes_the_log(broker_url, log_dir):
     app, celery = make_app(broker_url, log_dir, CELERY_START_TIMEOUT=0.01)
     with pytest.raises(ServiceStartError) as info:
         celery.submit(tasks.add, 1, 1)
-    assert "did not become ready within the start timeout (CELERY_START_TIMEOUT)" in str(
-        info.value
-    )
+    assert "did not become ready within the start timeout (CELERY_START_TIMEOUT)" in str(info.value)
     assert "solo.log" in str(info.value)
 
 

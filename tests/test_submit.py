@@ -52,7 +52,7 @@ def test_exception_type_and_worker_traceback(setup):
     with pytest.raises(ValueError, match="bad thing") as info:
         future.result(timeout=10)
     assert isinstance(info.value.__cause__, RemoteTraceback)
-    assert 'raise ValueError(message)' in str(info.value.__cause__)
+    assert "raise ValueError(message)" in str(info.value.__cause__)
     assert future.state == "FAILURE"
     assert isinstance(future.exception(1), ValueError)
 
@@ -72,7 +72,7 @@ def test_unpicklable_argument_fails_at_submit(setup):
 
 def test_unpicklable_result_reported(setup):
     app, celery = setup
-    with pytest.raises(SerializationError, match="return value of tests.apps.tasks:unpicklable"):
+    with pytest.raises(SerializationError, match=r"return value of tests\.apps\.tasks:unpicklable"):
         celery.submit(tasks.unpicklable_result).result(timeout=10)
 
 
@@ -136,8 +136,7 @@ def test_cancel_before_start_never_runs(setup, tmp_path):
     app, celery = setup
     release = tmp_path / "release"
     blockers = [
-        celery.submit(tasks.mark_and_wait, str(tmp_path / f"b{i}"), str(release))
-        for i in range(2)
+        celery.submit(tasks.mark_and_wait, str(tmp_path / f"b{i}"), str(release)) for i in range(2)
     ]
     _wait(lambda: all(b.running() for b in blockers))
     ran = tmp_path / "ran"

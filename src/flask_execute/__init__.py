@@ -19,9 +19,9 @@ from .errors import SignatureError
 from .errors import TaskTimeoutError
 from .futures import Future
 from .futures import FuturePool
-from .plugin import RESERVED_OPTIONS
 from .plugin import Celery
 from .plugin import RemoteTraceback
+from .plugin import RESERVED_OPTIONS
 
 __all__ = [
     "RESERVED_OPTIONS",

@@ -61,10 +61,7 @@ def locate(app: Flask) -> Locator:
                     if value is app:
                         return _from_module(sys.modules[name], attr, factory=False)
             func = frame.f_globals.get(frame.f_code.co_name)
-            if (
-                getattr(func, "__code__", None) is frame.f_code
-                and _returns_local_app(frame, app)
-            ):
+            if getattr(func, "__code__", None) is frame.f_code and _returns_local_app(frame, app):
                 mod = sys.modules.get(name)
                 if mod is not None:
                     return _from_module(mod, frame.f_code.co_name, factory=True)
@@ -79,10 +76,12 @@ def _returns_local_app(frame: types.FrameType, app: Flask) -> bool:
         return False
     previous = None
     for ins in dis.get_instructions(frame.f_code):
-        if ins.opname in ("RETURN_VALUE",) and previous is not None:
-            if previous.opname.startswith("LOAD_FAST") and previous.argval in names:
-                return True
-        if ins.opname == "RETURN_LOCAL" and ins.argval in names:  # pragma: no cover
+        if (
+            ins.opname == "RETURN_VALUE"
+            and previous is not None
+            and previous.opname.startswith("LOAD_FAST")
+            and previous.argval in names
+        ):
             return True
         previous = ins
     return False
@@ -108,7 +107,7 @@ class _PinnedConfig(Config):
             return
         super().__setitem__(key, value)
 
-    def update(self, *args: t.Any, **kwargs: t.Any) -> None:  # type: ignore[override]
+    def update(self, *args: t.Any, **kwargs: t.Any) -> None:
         for key, value in dict(*args, **kwargs).items():
             self[key] = value
 
@@ -126,7 +125,7 @@ def _pinned(snapshot: dict[str, t.Any]) -> Iterator[list[Flask]]:
         created.append(self)
         return pinned
 
-    Flask.make_config = make_config  # type: ignore[method-assign]
+    Flask.make_config = make_config  # type: ignore[method-assign,assignment]
     try:
         yield created
     finally:
@@ -214,7 +213,7 @@ def _install_child_hooks() -> None:
 
     if ready_fd is not None:
 
-        @signals.worker_ready.connect(weak=False)
+        @signals.worker_ready.connect(weak=False)  # type: ignore[untyped-decorator]
         def _ready(**_: t.Any) -> None:
             try:
                 os.write(int(ready_fd), b"R")
@@ -234,14 +233,15 @@ def _install_child_hooks() -> None:
                     continue
                 except OSError:
                     break
-            log.warning("flask-execute: the process that started this worker is gone;"
-                        " shutting down")
+            log.warning(
+                "flask-execute: the process that started this worker is gone; shutting down"
+            )
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(_PARENT_GRACE)
             os.kill(os.getpid(), signal.SIGQUIT)
             time.sleep(5)
             os._exit(1)
 
-        @signals.worker_init.connect(weak=False)
+        @signals.worker_init.connect(weak=False)  # type: ignore[untyped-decorator]
         def _start_watch(**_: t.Any) -> None:
             threading.Thread(target=watch, name="flask-execute-lifeline", daemon=True).start()

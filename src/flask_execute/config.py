@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 from .errors import ConfigurationError
 
-__all__ = ["WORKER_OPTIONS", "Key", "KEYS", "Settings", "celery_settings", "load", "worker_argv"]
+__all__ = ["KEYS", "WORKER_OPTIONS", "Key", "Settings", "celery_settings", "load", "worker_argv"]
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", "FATAL")
 DEFAULT_BROKER_URL = "redis://localhost:6379"
@@ -70,7 +70,7 @@ def _path(key: str, value: object) -> str | None:
     if value is None:
         return None
     if isinstance(value, (str, os.PathLike)):
-        return os.fspath(value)  # type: ignore[return-value]
+        return os.fspath(value)
     _fail(key, "a directory path or None", value)
 
 
@@ -120,9 +120,7 @@ def _worker_option(worker: str, option: str, value: object) -> object:
     key = f"CELERY_WORKERS[{worker!r}][{option!r}]"
     if kind is None:
         known = ", ".join(sorted(WORKER_OPTIONS))
-        raise ConfigurationError(
-            f"{key} is not a `celery worker` option. Known options: {known}."
-        )
+        raise ConfigurationError(f"{key} is not a `celery worker` option. Known options: {known}.")
     if kind == "int":
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
@@ -138,8 +136,10 @@ def _worker_option(worker: str, option: str, value: object) -> object:
     if kind == "list":
         if isinstance(value, str):
             value = [q.strip() for q in value.split(",") if q.strip()]
-        if isinstance(value, (list, tuple)) and value and all(
-            isinstance(q, str) and q and "," not in q for q in value
+        if (
+            isinstance(value, (list, tuple))
+            and value
+            and all(isinstance(q, str) and q and "," not in q for q in value)
         ):
             return list(value)
         _fail(key, "a list of queue names (or a comma-separated string)", value)
@@ -193,35 +193,81 @@ class Key:
 
 
 KEYS: tuple[Key, ...] = (
-    Key("CELERY_BROKER_URL", None, _optional_str,
-        f"Broker URL. Unset: {DEFAULT_BROKER_URL}, or the embedded Redis in development"),
-    Key("CELERY_RESULT_BACKEND", None, _optional_str,
-        "Result backend URL. Unset: the broker URL when it is Redis"),
-    Key("CELERY_WORKERS", 1, _workers,
-        "Local workers: a count, a list of names, or a dict of name -> worker options"),
-    Key("CELERY_START_LOCAL_WORKERS", True, _bool,
-        "Start the local workers (and beat, Flower) on the first submit"),
-    Key("CELERY_START_TIMEOUT", 10, _positive_number,
-        "Seconds to wait for local services to answer before raising"),
+    Key(
+        "CELERY_BROKER_URL",
+        None,
+        _optional_str,
+        f"Broker URL. Unset: {DEFAULT_BROKER_URL}, or the embedded Redis in development",
+    ),
+    Key(
+        "CELERY_RESULT_BACKEND",
+        None,
+        _optional_str,
+        "Result backend URL. Unset: the broker URL when it is Redis",
+    ),
+    Key(
+        "CELERY_WORKERS",
+        1,
+        _workers,
+        "Local workers: a count, a list of names, or a dict of name -> worker options",
+    ),
+    Key(
+        "CELERY_START_LOCAL_WORKERS",
+        True,
+        _bool,
+        "Start the local workers (and beat, Flower) on the first submit",
+    ),
+    Key(
+        "CELERY_START_TIMEOUT",
+        10,
+        _positive_number,
+        "Seconds to wait for local services to answer before raising",
+    ),
     Key("CELERY_LOG_LEVEL", "INFO", _log_level, "Log level of local services"),
     Key("CELERY_LOG_DIR", None, _path, "Directory of local services' logs (default: cwd)"),
     Key("CELERY_FLOWER", True, _bool, "Start Flower with the local workers when installed"),
     Key("CELERY_FLOWER_PORT", 5555, _port, "Port of the local Flower"),
     Key("CELERY_FLOWER_ADDRESS", "127.0.0.1", _str, "Address the local Flower binds to"),
-    Key("CELERY_SCHEDULER", True, _bool, "Start beat with the local workers when a schedule exists"),
-    Key("CELERY_SANITIZE_ARGUMENTS", True, _bool,
-        "Resolve LocalProxy arguments and send Flask-SQLAlchemy models by primary key"),
+    Key(
+        "CELERY_SCHEDULER", True, _bool, "Start beat with the local workers when a schedule exists"
+    ),
+    Key(
+        "CELERY_SANITIZE_ARGUMENTS",
+        True,
+        _bool,
+        "Resolve LocalProxy arguments and send Flask-SQLAlchemy models by primary key",
+    ),
     Key("CELERY_ALWAYS_EAGER", False, _bool, "Run tasks inline in the caller (tests)"),
-    Key("CELERY_SIGNING_KEY", None, _signing_keys,
-        "Key signing task and result envelopes (default: derived from SECRET_KEY)"),
-    Key("CELERY_SIGNING_KEY_FALLBACKS", None, _signing_keys,
-        "Older signing keys still accepted for verification"),
-    Key("CELERY_EMBEDDED_BROKER", True, _bool,
-        "In development, start a private Redis when no broker is configured or reachable"),
-    Key("CELERY_BROKER_TIMEOUT", 3, _positive_number,
-        "Seconds submit() may spend reaching the broker before BrokerUnavailable"),
-    Key("CELERY_MAX_MESSAGE_SIZE", 64 * 1024 * 1024, _positive_number,
-        "Largest signed envelope (bytes) accepted for a call or a result"),
+    Key(
+        "CELERY_SIGNING_KEY",
+        None,
+        _signing_keys,
+        "Key signing task and result envelopes (default: derived from SECRET_KEY)",
+    ),
+    Key(
+        "CELERY_SIGNING_KEY_FALLBACKS",
+        None,
+        _signing_keys,
+        "Older signing keys still accepted for verification",
+    ),
+    Key(
+        "CELERY_EMBEDDED_BROKER",
+        True,
+        _bool,
+        "In development, start a private Redis when no broker is configured or reachable",
+    ),
+    Key(
+        "CELERY_BROKER_TIMEOUT",
+        3,
+        _positive_number,
+        "Seconds submit() may spend reaching the broker before BrokerUnavailable",
+    ),
+    Key(
+        "CELERY_MAX_MESSAGE_SIZE",
+        64 * 1024 * 1024,
+        _positive_number,
+        "Largest signed envelope (bytes) accepted for a call or a result",
+    ),
 )
 _KEY_NAMES = frozenset(k.name for k in KEYS)
 
@@ -274,9 +320,7 @@ def load(config: Mapping[str, object]) -> Settings:
     backend = values["CELERY_RESULT_BACKEND"]
     if nested:
         broker = broker or _optional_str("CELERY['broker_url']", nested.get("broker_url"))
-        backend = backend or _optional_str(
-            "CELERY['result_backend']", nested.get("result_backend")
-        )
+        backend = backend or _optional_str("CELERY['result_backend']", nested.get("result_backend"))
     return Settings(
         broker_url=broker,  # type: ignore[arg-type]
         result_backend=backend,  # type: ignore[arg-type]
@@ -313,7 +357,7 @@ _PICKLE_NAMES = ("pickle", "application/x-python-serialize", "yaml", "applicatio
 
 
 def _celery_names() -> tuple[dict[str, str], frozenset[str]]:
-    from celery.app.defaults import _TO_NEW_KEY  # type: ignore[attr-defined]
+    from celery.app.defaults import _TO_NEW_KEY
     from celery.app.defaults import DEFAULTS
 
     return dict(_TO_NEW_KEY), frozenset(DEFAULTS)
@@ -334,7 +378,7 @@ def celery_settings(config: Mapping[str, object]) -> dict[str, object]:
     nested = config.get("CELERY")
     if isinstance(nested, Mapping):
         for name, value in nested.items():
-            out[old_to_new.get(name, name)] = value
+            out[old_to_new.get(name) or name] = value
     for key, value in config.items():
         if key in _KEY_NAMES or key == "CELERY":
             continue
@@ -342,7 +386,7 @@ def celery_settings(config: Mapping[str, object]) -> dict[str, object]:
             out[old_to_new[key]] = value
         elif key.startswith("CELERY_") and key[7:].lower() in known:
             out[key[7:].lower()] = value
-    for name, forced in _FORCED_JSON.items():
+    for name in _FORCED_JSON:
         value = out.get(name)
         if value is None:
             continue

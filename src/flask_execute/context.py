@@ -32,9 +32,7 @@ _cv_task: ContextVar[Task] = ContextVar("flask_execute.task")
 
 #: The Celery task currently executing (``current_task.request.id``,
 #: ``current_task.update_state(state="PROGRESS", meta={...})``). Falsy outside a task.
-current_task: Task = LocalProxy(  # type: ignore[assignment]
-    _cv_task, unbound_message=_no_task_msg
-)
+current_task: Task = LocalProxy(_cv_task, unbound_message=_no_task_msg)
 
 # Eager runs report progress straight to the Future waiting on them (no backend).
 _eager_listeners: ContextVar[t.Callable[[str, object], None] | None] = ContextVar(

@@ -15,8 +15,9 @@ class Inspect:
     (``{}`` when no worker answered within ``timeout`` seconds).
     """
 
-    def __init__(self, controller: t.Any) -> None:
+    def __init__(self, controller: t.Any, limit: int | None = None) -> None:
         self._controller = controller
+        self._limit = limit  # expected local workers: stop waiting once all replied
 
     def __getattr__(self, command: str) -> Callable[..., dict[str, t.Any]]:
         if command.startswith("_"):
@@ -32,7 +33,10 @@ class Inspect:
             destination: list[str] | None = None,
             **kwargs: t.Any,
         ) -> dict[str, t.Any]:
-            inspect = self._controller.control.inspect(timeout=timeout, destination=destination)
+            limit = len(destination) if destination else self._limit
+            inspect = self._controller.control.inspect(
+                timeout=timeout, destination=destination, limit=limit
+            )
             return getattr(inspect, command)(*args, **kwargs) or {}
 
         call.__name__ = command

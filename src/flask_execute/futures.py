@@ -124,7 +124,7 @@ class Future(concurrent.futures.Future[T]):
                 # let set_result/set_exception do the stdlib bookkeeping
                 self._state = _base.RUNNING if self._state == _base.PENDING else self._state
         if state == "REVOKED":
-            self._invoke_callbacks()
+            self._invoke_callbacks()  # type: ignore[attr-defined]
         elif exc is not None:
             self.set_exception(exc)
         else:
@@ -159,7 +159,7 @@ class Future(concurrent.futures.Future[T]):
             self._state = _base.CANCELLED
             self._celery_state = "REVOKED"
             self._condition.notify_all()
-        self._invoke_callbacks()
+        self._invoke_callbacks()  # type: ignore[attr-defined]
         return True
 
     def add_done_callback(self, fn: Callable[[concurrent.futures.Future[T]], object]) -> None:
@@ -299,9 +299,7 @@ class FuturePool(t.Generic[T]):
 
     def as_completed(self, timeout: float | None = None) -> Iterator[Future[T]]:
         """Yield members as they finish (``concurrent.futures.as_completed``)."""
-        return t.cast(
-            Iterator[Future[T]], concurrent.futures.as_completed(self.futures, timeout)
-        )
+        return t.cast(Iterator[Future[T]], concurrent.futures.as_completed(self.futures, timeout))
 
     def add_done_callback(self, fn: Callable[[FuturePool[T]], object]) -> None:
         """Call ``fn(pool)`` once, when every member is done (at once if they are)."""

