@@ -83,3 +83,11 @@ def test_eager_fresh_app_context_per_task(eager):
         facts = celery.submit(tasks.task_facts).result()
         assert facts["g_before"] is None
         assert g.outer == "kept"  # the caller's context is untouched
+
+
+def test_eager_get_finds_live_futures(eager):
+    app, celery = eager
+    future = celery.submit(tasks.add, 2, 2)
+    assert celery.get(future.id) is future
+    with pytest.raises(LookupError, match="eager mode"):
+        celery.get("unknown-id")

@@ -99,7 +99,10 @@ def execute(task: Task, state: _State, envelope: str) -> t.Any:
     try:
         header, payload = state.codec.open(envelope, "call", tid)
     except SignatureError as exc:
-        _reject(task, exc)
+        if exc.reason != "python_mismatch":
+            _reject(task, exc)
+        # the MAC checked out: a genuine set-up mistake, reported to the caller
+        raise _sealed_failure(state, tid, SerializationError(str(exc)), "") from None
     label = header.get("fn", "?")
     if not task.request.is_eager:
         claim = state.claim(tid, task.request.retries or 0)

@@ -30,7 +30,6 @@ import fcntl
 import hashlib
 import logging
 import os
-import pickle
 import select
 import shutil
 import signal
@@ -481,6 +480,10 @@ class LocalServices:
                 # mingle only syncs revokes between workers at boot (we keep cancels in
                 # the result backend); skipping it saves a second of start-up.
                 options = {"without_mingle": True, **options}
+                if "queues" not in options and state.base_queue:
+                    # a base_task with `queue = ...` routes every task there: consume it
+                    default = state.controller.conf.task_default_queue
+                    options["queues"] = list(dict.fromkeys([default, state.base_queue]))
                 argv = [
                     sys.executable, "-m", "celery", "-A", "flask_execute.celery", "worker",
                     *worker_argv(name, options, settings.log_level),
@@ -492,7 +495,10 @@ class LocalServices:
                 started.append(child)
         finally:
             os.close(read)
-        wait_ready(started, deadline)
+        try:
+            wait_ready(started, deadline)
+        finally:
+            self._remove_bootfile()  # it holds secrets; ready workers have read it
 
     def _wait_for_other(self, deadline: float) -> None:
         """Another process holds the lock: wait until its workers answer us."""
@@ -557,6 +563,9 @@ class LocalServices:
         if self._redis is not None:
             self._redis.stop()
             self._redis = None
+        self._remove_bootfile()
+
+    def _remove_bootfile(self) -> None:
         if self._boot_path is not None:
             try:
                 os.unlink(self._boot_path)
@@ -566,9 +575,12 @@ class LocalServices:
 
 
 def write_private(path: str, obj: object) -> None:
-    """Pickle ``obj`` to ``path`` readable by this user only (0600, atomic replace)."""
+    """Pickle ``obj`` (cloudpickle: local classes too) to ``path``, readable by this
+    user only (0600, atomic replace)."""
+    import cloudpickle
+
     tmp = f"{path}.{os.getpid()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
-        pickle.dump(obj, f)
+        cloudpickle.dump(obj, f)
     os.replace(tmp, path)

@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from collections.abc import Mapping
 
 import celery as celery_module
+import cloudpickle
 from celery import Task
 from flask import current_app
 from flask import Flask
@@ -107,6 +108,7 @@ class _State:
         )
         self.locator = locate(app)
         self.task_class = make_task_class(app, ext.base_task)
+        self.base_queue: str | None = getattr(ext.base_task, "queue", None)
         self.controller = celery_module.Celery(
             app.import_name, task_cls=self.task_class, set_as_current=False
         )
@@ -144,6 +146,10 @@ class _State:
         self.services = LocalServices(self)
         self._started = False
         self._start_lock = threading.Lock()
+        # eager mode has no result store: get() finds futures still referenced here
+        self.eager_futures: weakref.WeakValueDictionary[str, Future[t.Any]] = (
+            weakref.WeakValueDictionary()
+        )
 
     def __repr__(self) -> str:
         return f"<flask-execute state of {self.app.import_name!r} broker={self.broker_url!r}>"
@@ -183,7 +189,7 @@ class _State:
         snapshot: dict[str, object] = {}
         for key, value in self.app.config.items():
             try:
-                pickle.dumps(value)
+                cloudpickle.dumps(value)
             except Exception:
                 log.debug("flask-execute: config key %s is not picklable; not pinned", key)
                 continue
@@ -293,6 +299,8 @@ class _State:
 
     def run_eager(self, handler: Future[t.Any] | _Chunk, task_id: str, envelope: str) -> None:
         members = handler.members if isinstance(handler, _Chunk) else [handler]
+        if isinstance(handler, Future):
+            self.eager_futures[task_id] = handler
 
         def listener(state: str, meta: object) -> None:
             for member in members:
@@ -703,9 +711,16 @@ class Celery:
     def get(self, task_id: str) -> Future[t.Any]:
         """A :class:`Future` for a task submitted earlier (by any process)."""
         state = self._get_state()
+        if state.eager:
+            found = state.eager_futures.get(task_id)
+            if found is None:
+                raise LookupError(
+                    f"No eager task {task_id!r} is known: eager mode (CELERY_ALWAYS_EAGER)"
+                    " keeps no result store, only futures still referenced somewhere."
+                )
+            return found
         future: Future[t.Any] = Future(task_id, state)
-        if not state.eager:
-            state.watcher_or_error().watch(task_id, future, catch_up=True)
+        state.watcher_or_error().watch(task_id, future, catch_up=True)
         return future
 
     # --- local services and operations -----------------------------------------------
