@@ -34,12 +34,17 @@ def pytest_configure(config: pytest.Config) -> None:
     os.makedirs(LOG_DIR, exist_ok=True)
     os.environ.setdefault("FLASK_EXECUTE_TEST_LOGS", LOG_DIR)
     if "FLASK_EXECUTE_TEST_REDIS" not in os.environ:
-        _redis = EmbeddedRedis(os.path.join(_tmp.name, "redis"), port=free_port())
+        _redis = EmbeddedRedis(
+            os.path.join(_tmp.name, "redis"), port=free_port(), extra_args=["--databases", "256"]
+        )
         _redis.start()
         os.environ["FLASK_EXECUTE_TEST_REDIS"] = _redis.url
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    from flask_execute.watcher import _stop_all
+
+    _stop_all()  # before the Redis they watch goes away
     if _redis is not None:
         _redis.stop()
     _tmp.cleanup()
@@ -50,13 +55,15 @@ def redis_url() -> str:
     return os.environ["FLASK_EXECUTE_TEST_REDIS"]
 
 
-_db = iter(range(3, 16))
+# dbs 1-2: the shared apps, 13-15: the app modules of test_registry, 16+: one per test
+_db = iter(range(16, 256))
 
 
 @pytest.fixture
 def broker_url(redis_url: str) -> str:
-    """A Redis db of its own for one test's app (dbs 1 and 2 serve the shared apps)."""
-    return f"{redis_url}/{next(_db, 15)}"
+    """A Redis db of its own for one test's app (the private Redis has 256; an
+    external one given by FLASK_EXECUTE_TEST_REDIS needs `databases 256` too)."""
+    return f"{redis_url}/{next(_db)}"
 
 
 @pytest.fixture(scope="session")

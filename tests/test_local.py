@@ -88,7 +88,7 @@ def test_worker_that_cannot_start_fails_fast_with_its_log(broker_url, log_dir):
         celery.start()
     assert time.monotonic() - start < 10
     message = str(info.value)
-    assert "Local worker broken exited during start-up" in message
+    assert "Local service broken exited during start-up" in message
     assert "nope" in message  # quoted from the worker's own log
 
 
@@ -235,7 +235,7 @@ def test_two_web_processes_share_one_set(broker_url, log_dir, tmp_path):
         owners = [pids for pids, _ in started if pids]
         assert len(owners) == 1 and len(owners[0]) == 1
         workers = [
-            p for p in descendants()
+            p for proc in procs for p in descendants(proc.pid)
             if b"flask_execute.celery" in open(f"/proc/{p}/cmdline", "rb").read()
             and os.getpgid(p) == p
         ]  # fmt: skip

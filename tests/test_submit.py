@@ -257,8 +257,10 @@ def test_status_inspect_control(setup):
     assert "flask_execute.dispatch" in registered[node]
     assert node in celery.inspect.stats()
     assert isinstance(celery.inspect.active(), dict)
-    replies = celery.control.ping(timeout=1)
-    assert replies == [{node: {"ok": "pong"}}]
+    assert celery.control.ping() == {node: {"ok": "pong"}}
+    assert node in celery.control.pool_grow(1)
+    assert node in celery.control.pool_shrink(1)
+    assert celery.control.heartbeat(reply=False) == {}
 
 
 def _wait(predicate, timeout=10.0):

@@ -213,13 +213,15 @@ def _install_child_hooks() -> None:
 
     if ready_fd is not None:
 
-        @signals.worker_ready.connect(weak=False)  # type: ignore[untyped-decorator]
         def _ready(**_: t.Any) -> None:
             try:
                 os.write(int(ready_fd), b"R")
                 os.close(int(ready_fd))
-            except OSError:  # pragma: no cover - parent gone
+            except OSError:  # pragma: no cover - parent gone, or already reported
                 pass
+
+        signals.worker_ready.connect(_ready, weak=False)
+        signals.beat_init.connect(_ready, weak=False)
 
     if lifeline_fd is not None:
 
@@ -242,6 +244,5 @@ def _install_child_hooks() -> None:
             time.sleep(5)
             os._exit(1)
 
-        @signals.worker_init.connect(weak=False)  # type: ignore[untyped-decorator]
-        def _start_watch(**_: t.Any) -> None:
-            threading.Thread(target=watch, name="flask-execute-lifeline", daemon=True).start()
+        # started now, in the main process (a prefork pool forks later, without it)
+        threading.Thread(target=watch, name="flask-execute-lifeline", daemon=True).start()

@@ -33,9 +33,15 @@ def _bool(key: str, value: object) -> bool:
 
 
 def _positive_number(key: str, value: object) -> float:
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf"):
         return float(value)
     _fail(key, "a positive number of seconds", value)
+
+
+def _positive_int(key: str, value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    _fail(key, "a positive integer", value)
 
 
 def _port(key: str, value: object) -> int:
@@ -80,6 +86,9 @@ def _signing_keys(key: str, value: object) -> list[bytes]:
     if isinstance(value, (str, bytes)):
         value = [value]
     if isinstance(value, (list, tuple)) and all(isinstance(v, (str, bytes)) for v in value):
+        if not all(value):
+            # an empty key (often an unset environment variable) would let anyone sign
+            _fail(key, "a non-empty key (str or bytes) or a list of non-empty keys", value)
         return [v.encode() if isinstance(v, str) else v for v in value]
     _fail(key, "a key (str or bytes) or a list of keys", value)
 
@@ -104,7 +113,7 @@ WORKER_OPTIONS: dict[str, str] = {
     "optimization": "str",
     "statedb": "str",
     "hostname": "str",
-    "heartbeat_interval": "number",
+    "heartbeat_interval": "int",
     "task_events": "flag",
     "disable_prefetch": "flag",
     "include": "list",
@@ -134,24 +143,24 @@ def _worker_option(worker: str, option: str, value: object) -> object:
     if kind == "flag":
         return _bool(key, value)
     if kind == "list":
-        if isinstance(value, str):
-            value = [q.strip() for q in value.split(",") if q.strip()]
+        items = (
+            [q.strip() for q in value.split(",") if q.strip()] if isinstance(value, str) else value
+        )
         if (
-            isinstance(value, (list, tuple))
-            and value
-            and all(isinstance(q, str) and q and "," not in q for q in value)
+            isinstance(items, (list, tuple))
+            and items
+            and all(isinstance(q, str) and q and "," not in q for q in items)
         ):
-            return list(value)
+            return list(items)
         _fail(key, "a list of queue names (or a comma-separated string)", value)
     if kind == "pair":
-        if isinstance(value, str):
-            value = [p.strip() for p in value.split(",")]
+        pair = [p.strip() for p in value.split(",")] if isinstance(value, str) else value
         if (
-            isinstance(value, (list, tuple))
-            and len(value) == 2
-            and all(str(v).isdigit() for v in value)
+            isinstance(pair, (list, tuple))
+            and len(pair) == 2
+            and all(str(v).isdigit() for v in pair)
         ):
-            return [int(value[0]), int(value[1])]
+            return [int(pair[0]), int(pair[1])]
         _fail(key, "a (max, min) pair of integers", value)
     raise AssertionError(kind)  # pragma: no cover
 
@@ -265,7 +274,7 @@ KEYS: tuple[Key, ...] = (
     Key(
         "CELERY_MAX_MESSAGE_SIZE",
         64 * 1024 * 1024,
-        _positive_number,
+        _positive_int,
         "Largest signed envelope (bytes) accepted for a call or a result",
     ),
 )
@@ -318,6 +327,7 @@ def load(config: Mapping[str, object]) -> Settings:
         eager = _bool("CELERY['task_always_eager']", nested["task_always_eager"]) or eager
     broker = values["CELERY_BROKER_URL"]
     backend = values["CELERY_RESULT_BACKEND"]
+    broker = broker or _optional_str("BROKER_URL", config.get("BROKER_URL"))  # Celery's old name
     if nested:
         broker = broker or _optional_str("CELERY['broker_url']", nested.get("broker_url"))
         backend = backend or _optional_str("CELERY['result_backend']", nested.get("result_backend"))
@@ -375,17 +385,22 @@ def celery_settings(config: Mapping[str, object]) -> dict[str, object]:
     """
     old_to_new, known = _celery_names()
     out: dict[str, object] = {}
+    source: dict[str, str] = {}
     nested = config.get("CELERY")
     if isinstance(nested, Mapping):
         for name, value in nested.items():
-            out[old_to_new.get(name) or name] = value
+            setting = old_to_new.get(name) or name
+            out[setting] = value
+            source[setting] = f"CELERY[{name!r}]"
     for key, value in config.items():
-        if key in _KEY_NAMES or key == "CELERY":
-            continue
+        if key in _KEY_NAMES or key == "CELERY" or not key.startswith(("CELERY", "BROKER_")):
+            continue  # the app's own keys (S3_*, DATABASE_*, ...) are not Celery's
         if key in old_to_new:
             out[old_to_new[key]] = value
+            source[old_to_new[key]] = key
         elif key.startswith("CELERY_") and key[7:].lower() in known:
             out[key[7:].lower()] = value
+            source[key[7:].lower()] = key
     for name in _FORCED_JSON:
         value = out.get(name)
         if value is None:
@@ -394,7 +409,8 @@ def celery_settings(config: Mapping[str, object]) -> dict[str, object]:
         bad = [v for v in values if v in _PICKLE_NAMES]
         if bad:
             raise ConfigurationError(
-                f"Celery setting {name!r} asks for {bad[0]!r}; flask-execute keeps Celery's"
+                f"{source.get(name, name)!r} (Celery setting {name!r}) asks for {bad[0]!r};"
+                " flask-execute keeps Celery's"
                 " serializers JSON-only so that nothing from the broker is unpickled before"
                 f" its signature is checked. Remove the key (got {value!r})."
             )
@@ -423,7 +439,8 @@ def worker_argv(name: str, options: Mapping[str, object], log_level: str) -> lis
         elif kind in ("list", "pair"):
             argv.append(f"{flag}={','.join(str(v) for v in value)}")  # type: ignore[attr-defined]
         elif kind == "number":
-            argv.append(f"{flag}={value:g}")
+            number = float(value)  # type: ignore[arg-type]
+            argv.append(f"{flag}={int(number) if number.is_integer() else number!r}")
         else:
             argv.append(f"{flag}={value}")
     return argv

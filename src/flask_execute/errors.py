@@ -81,3 +81,6 @@ class RemoteError(ExecuteError):
         self.remote_message = message
         self.remote_traceback = remote_traceback
         super().__init__(f"{type_name}: {message}")
+
+    def __reduce__(self) -> tuple[type[RemoteError], tuple[str, str, str]]:
+        return (type(self), (self.type_name, self.remote_message, self.remote_traceback))

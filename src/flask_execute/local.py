@@ -142,7 +142,7 @@ def spawn(
     return Child(name, argv, log_path, process, ready_r)
 
 
-def wait_ready(children: list[Child], deadline: float, what: str = "worker") -> None:
+def wait_ready(children: list[Child], deadline: float, what: str = "service") -> None:
     """Block until every child wrote ``R`` to its ready pipe, or raise.
 
     :raises ServiceStartError: a child exited first (with its log tail) or the
@@ -281,6 +281,7 @@ class EmbeddedRedis:
         port: int | None = None,
         appendonly: bool = False,
         log_path: str | None = None,
+        extra_args: list[str] | None = None,
     ) -> None:
         if (unix_socket is None) == (port is None):
             raise ValueError("give exactly one of unix_socket or port")
@@ -288,6 +289,7 @@ class EmbeddedRedis:
         self.unix_socket = unix_socket
         self.port = port
         self.appendonly = appendonly
+        self.extra_args = list(extra_args or [])
         self.log_path = log_path or os.path.join(directory, "redis.log")
         self._child: Child | None = None
         self._lifeline: int | None = None
@@ -328,7 +330,7 @@ class EmbeddedRedis:
         ]  # fmt: skip
         if self.unix_socket:
             argv += ["--unixsocket", self.unix_socket, "--unixsocketperm", "700"]
-        return argv
+        return argv + self.extra_args
 
     def start(self, timeout: float = 10.0) -> None:
         """Start and wait until it answers PING.
@@ -391,6 +393,7 @@ class LocalServices:
         self._atexit = False
         self._takeover: threading.Thread | None = None
         self._stopping = threading.Event()
+        self.flower_url: str | None = None
 
     @property
     def running(self) -> bool:
@@ -493,12 +496,72 @@ class LocalServices:
                 child = spawn(name, argv, log_path, env=env, pass_fds=(read,), ready=True)
                 self._children.append(child)
                 started.append(child)
+            if settings.scheduler and state.controller.conf.beat_schedule:
+                started.append(self._spawn_beat(env, read, log_dir))
+            if settings.flower:
+                self._spawn_flower(env, read, log_dir)
         finally:
             os.close(read)
         try:
             wait_ready(started, deadline)
         finally:
             self._remove_bootfile()  # it holds secrets; ready workers have read it
+
+    def _spawn_beat(self, env: dict[str, str], read: int, log_dir: str) -> Child:
+        """One beat per host (we hold the services lock); its schedule file lives in
+        the log directory."""
+        settings = self._state.settings
+        log_path = os.path.join(log_dir, "beat.log")
+        argv = [
+            sys.executable, "-m", "celery", "-A", "flask_execute.celery", "beat",
+            f"--loglevel={settings.log_level}",
+            f"--schedule={os.path.join(log_dir, 'celerybeat-schedule')}",
+            f"--logfile={log_path}",
+        ]  # fmt: skip
+        child = spawn("beat", argv, log_path, env=env, pass_fds=(read,), ready=True)
+        self._children.append(child)
+        return child
+
+    def _spawn_flower(self, env: dict[str, str], read: int, log_dir: str) -> None:
+        """Flower if installed; its readiness is logged, never waited for."""
+        import importlib.util
+
+        settings = self._state.settings
+        if importlib.util.find_spec("flower") is None:
+            log.info(
+                "flask-execute: Flower is not installed (pip install"
+                " 'flask-execute[flower]'); not starting it (CELERY_FLOWER=False hides this)."
+            )
+            return
+        address, port = settings.flower_address, settings.flower_port
+        log_path = os.path.join(log_dir, "flower.log")
+        argv = [
+            sys.executable, "-m", "celery", "-A", "flask_execute.celery", "flower",
+            f"--address={address}", f"--port={port}",
+        ]  # fmt: skip
+        child = spawn("flower", argv, log_path, env=env, pass_fds=(read,))
+        self._children.append(child)
+        self.flower_url = f"http://{address}:{port}"
+
+        def announce() -> None:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and child.alive():
+                try:
+                    socket.create_connection((address, port), timeout=0.5).close()
+                except OSError:
+                    time.sleep(0.1)
+                    continue
+                log.info("flask-execute: Flower is up at %s", self.flower_url)
+                return
+            if not self._stopping.is_set():
+                log.warning(
+                    "flask-execute: Flower did not come up at %s. Last lines of %s:\n%s",
+                    self.flower_url,
+                    log_path,
+                    log_tail(log_path),
+                )
+
+        threading.Thread(target=announce, name="flask-execute-flower", daemon=True).start()
 
     def _wait_for_other(self, deadline: float) -> None:
         """Another process holds the lock: wait until its workers answer us."""

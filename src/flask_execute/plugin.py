@@ -14,6 +14,7 @@ import pickle
 import secrets
 import sys
 import threading
+import time
 import typing as t
 import uuid
 import weakref
@@ -34,6 +35,7 @@ from . import config as config_module
 from ._boot import locate
 from .context import _eager_listeners
 from .context import make_task_class
+from .control import Control
 from .control import Inspect
 from .dispatch import DISPATCH
 from .dispatch import execute
@@ -51,6 +53,10 @@ from .local import LocalServices
 from .local import redis_answers
 from .local import runtime_dir
 from .local import write_private
+from .registry import apply_schedule
+from .registry import register
+from .registry import ScheduleRegistry
+from .registry import TaskRegistry
 from .serialization import Codec
 from .serialization import derive_key
 from .serialization import dump_call
@@ -127,6 +133,8 @@ class _State:
             "worker_hijack_root_logger": True,
         }
         conf.update(celery_settings)
+        # the URLs decided above win over a CELERY={"broker_url": ...} the user also set
+        conf.update(broker_url=self.broker_url, result_backend=self.backend_url)
         self.controller.conf.update(conf)
         self.controller.flask_app = app
         self.controller.flask_execute = self
@@ -562,6 +570,10 @@ class Celery:
     def __init__(self, app: Flask | None = None, *, base_task: type[Task] | None = None) -> None:
         self.base_task = base_task
         self._apps: weakref.WeakSet[Flask] = weakref.WeakSet()
+        #: ``@celery.task`` and ``celery.task.<name>``; see :class:`TaskRegistry`.
+        self.task = TaskRegistry(self)
+        #: ``@celery.schedule(...)``; see :class:`ScheduleRegistry`.
+        self.schedule = ScheduleRegistry(self)
         if app is not None:
             self.init_app(app)
 
@@ -577,8 +589,20 @@ class Celery:
                 "A 'Celery' instance has already been registered on this Flask app."
                 " Import and use that instance instead."
             )
-        app.extensions["celery"] = _State(self, app)
+        state = _State(self, app)
+        app.extensions["celery"] = state
         self._apps.add(app)
+        for declaration in self.task.declarations():
+            register(state, declaration)
+        for entry in self.schedule.entries():
+            apply_schedule(state, entry)
+        from .cli import celery_cli
+
+        app.cli.add_command(celery_cli)
+
+    def _states(self) -> list[_State]:
+        """The states of every app this extension serves."""
+        return [app.extensions["celery"] for app in list(self._apps)]
 
     # --- which app --------------------------------------------------------------------
     def _get_state(self) -> _State:
@@ -748,9 +772,18 @@ class Celery:
         ``timeout`` seconds.
         """
         state = self._get_state()
-        limit = len(state.settings.workers) if state.services.running else None
+        expected = set(state.services.expected_nodes()) if state.services.running else set()
+        deadline = time.monotonic() + timeout
+        seen: dict[str, str] = {}
         try:
-            return state.ping(timeout=timeout, limit=limit or None)
+            while True:
+                # A worker that just started may miss one broadcast (its pidbox
+                # subscription is asynchronous): ask again until all answered.
+                left = deadline - time.monotonic()
+                wait = min(left, 0.3) if expected else left
+                seen.update(state.ping(timeout=max(wait, 0.01), limit=len(expected) or None))
+                if not expected or expected <= set(seen) or time.monotonic() >= deadline:
+                    return seen
         except (OperationalError, OSError) as exc:
             raise BrokerUnavailable(
                 f"Cannot reach the Celery broker at {_safe_url(state.broker_url)}: {exc}."
@@ -764,9 +797,12 @@ class Celery:
         return Inspect(state.controller, limit or None)
 
     @property
-    def control(self) -> t.Any:
-        """Celery's ``Control`` of the current app (``shutdown()``, ``pool_grow(1)``, …)."""
-        return self._get_state().controller.control
+    def control(self) -> Control:
+        """``celery.control.shutdown()`` / ``pool_grow(1)`` / ``autoscale(5, 1)`` …, in
+        process, with replies."""
+        state = self._get_state()
+        limit = len(state.settings.workers) if state.services.running else None
+        return Control(state.controller, limit or None)
 
 
 def _check_options(options: Mapping[str, t.Any]) -> None:

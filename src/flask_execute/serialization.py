@@ -321,7 +321,7 @@ class Codec:
                 raise ValueError("header too long")
             header = json.loads(_b64d(head))
             mac = _b64d(mac_text)
-        except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
+        except (ValueError, binascii.Error, UnicodeDecodeError, RecursionError) as exc:
             raise SignatureError("malformed", f"Envelope header is unreadable: {exc}.") from None
         if not isinstance(header, dict):
             raise SignatureError("malformed", "Envelope header is not an object.")

@@ -1,0 +1,264 @@
+"""``flask celery ...``: run and operate Celery with the app loaded (factories too).
+
+The commands stay thin: ``worker``, ``beat``, ``flower`` and any other Celery
+subcommand run *in this process* through Celery's own CLI with this app's Celery app
+(so a SIGTERM reaches the real worker, and the app is built once); ``status``,
+``inspect`` and ``control`` talk to workers in process; ``cluster`` supervises every
+configured service and streams their logs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+import typing as t
+
+import click
+from flask import current_app
+from flask.cli import AppGroup
+from flask.cli import with_appcontext
+
+from .config import worker_argv
+
+if t.TYPE_CHECKING:
+    from .plugin import _State
+
+__all__ = ["celery_cli"]
+
+_PASS = {"ignore_unknown_options": True, "allow_extra_args": True}
+
+
+def _state() -> _State:
+    state = current_app.extensions.get("celery")
+    if state is None:  # pragma: no cover - the group is only added by init_app
+        raise click.ClickException("This app does not use flask-execute.")
+    return t.cast("_State", state)
+
+
+def _run_celery(argv: list[str]) -> t.NoReturn:
+    """Run Celery's own CLI in this process, with this app's Celery app."""
+    code = _state().controller.start(argv)
+    sys.exit(code or 0)
+
+
+class CeleryGroup(AppGroup):
+    """Known commands, and any other Celery subcommand passed through."""
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            return command
+
+        @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+        @with_appcontext
+        def passthrough(args: tuple[str, ...]) -> None:
+            _run_celery([cmd_name, *args])
+
+        return click.Command(
+            cmd_name,
+            callback=passthrough,
+            params=passthrough.__click_params__,  # type: ignore[attr-defined]
+            context_settings=_PASS,
+            add_help_option=False,
+            help=f"`celery {cmd_name}` with this app loaded.",
+        )
+
+
+celery_cli = CeleryGroup(
+    "celery",
+    help="Run and operate Celery for this app (any other celery subcommand passes through).",
+)
+
+
+def _node_name(args: list[str]) -> str | None:
+    for i, arg in enumerate(args):
+        if arg in ("-n", "--hostname") and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--hostname="):
+            return arg.split("=", 1)[1]
+        if arg.startswith("-n") and len(arg) > 2:
+            return arg[2:]
+    return None
+
+
+@celery_cli.command(context_settings=_PASS, add_help_option=False)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def worker(args: tuple[str, ...]) -> None:
+    """Run a worker (any `celery worker` option). `-n foo@%h` applies the `foo` options
+    of CELERY_WORKERS; options given here win."""
+    state = _state()
+    argv = list(args)
+    node = _node_name(argv)
+    defaults: list[str] = []
+    if node is not None:
+        options = state.settings.workers.get(node.split("@")[0])
+        if options is not None:
+            defaults = worker_argv(node.split("@")[0], options, state.settings.log_level)
+            defaults = defaults[2:]  # the -n given here stays
+    if not any(a.startswith(("-l", "--loglevel")) for a in [*argv, *defaults]):
+        defaults.append(f"--loglevel={state.settings.log_level}")
+    _run_celery(["worker", *defaults, *argv])
+
+
+@celery_cli.command(context_settings=_PASS, add_help_option=False)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def beat(args: tuple[str, ...]) -> None:
+    """Run beat with the schedules of @celery.schedule and beat_schedule."""
+    state = _state()
+    log_dir = state.settings.log_dir or os.getcwd()
+    defaults = [
+        f"--loglevel={state.settings.log_level}",
+        f"--schedule={os.path.join(log_dir, 'celerybeat-schedule')}",
+    ]
+    _run_celery(["beat", *defaults, *args])
+
+
+@celery_cli.command(context_settings=_PASS, add_help_option=False)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def flower(args: tuple[str, ...]) -> None:
+    """Run Flower on CELERY_FLOWER_ADDRESS:CELERY_FLOWER_PORT."""
+    settings = _state().settings
+    defaults = [f"--address={settings.flower_address}", f"--port={settings.flower_port}"]
+    _run_celery(["flower", *defaults, *args])
+
+
+@celery_cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.option("--timeout", default=1.0, show_default=True, help="Seconds to wait for replies.")
+def status(as_json: bool, timeout: float) -> None:
+    """Which workers answer a ping. Exit code 1 when none does."""
+    replies = current_app.extensions["celery"].extension.status(timeout=timeout)
+    if as_json:
+        click.echo(json.dumps(replies, indent=2, sort_keys=True))
+    elif replies:
+        width = max(len(node) for node in replies)
+        for node, answer in sorted(replies.items()):
+            click.echo(f"{node:<{width}}  {answer}")
+        click.echo(f"\n{len(replies)} node{'s' if len(replies) != 1 else ''} online.")
+    else:
+        click.echo("No worker answered.", err=True)
+    if not replies:
+        sys.exit(1)
+
+
+def _value(text: str) -> t.Any:
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _remote(kind: str, command: str, args: tuple[str, ...], timeout: float,
+            destination: tuple[str, ...]) -> None:  # fmt: skip
+    extension = _state().extension
+    proxy = extension.inspect if kind == "inspect" else extension.control
+    try:
+        method = getattr(proxy, command)
+    except AttributeError as exc:
+        raise click.UsageError(str(exc)) from None
+    replies = method(
+        *[_value(a) for a in args], timeout=timeout, destination=list(destination) or None
+    )
+    click.echo(json.dumps(replies, indent=2, sort_keys=True, default=str))
+    if not replies:
+        click.echo("No worker answered.", err=True)
+        sys.exit(1)
+
+
+_timeout = click.option("--timeout", "-t", default=1.0, show_default=True,
+                        help="Seconds to wait for replies.")  # fmt: skip
+_destination = click.option("--destination", "-d", multiple=True,
+                            help="Only ask this node (repeatable).")  # fmt: skip
+
+
+@celery_cli.command()
+@click.argument("command")
+@click.argument("args", nargs=-1)
+@_timeout
+@_destination
+def inspect(command: str, args: tuple[str, ...], timeout: float,
+            destination: tuple[str, ...]) -> None:  # fmt: skip
+    """Inspect workers: ping, active, scheduled, reserved, revoked, registered, stats,
+    active_queues, conf, ... Prints JSON."""
+    _remote("inspect", command, args, timeout, destination)
+
+
+@celery_cli.command()
+@click.argument("command")
+@click.argument("args", nargs=-1)
+@_timeout
+@_destination
+def control(command: str, args: tuple[str, ...], timeout: float,
+            destination: tuple[str, ...]) -> None:  # fmt: skip
+    """Control workers: shutdown, pool_restart, pool_grow N, pool_shrink N,
+    autoscale MAX MIN, rate_limit TASK RATE, add_consumer QUEUE, ... Prints replies."""
+    _remote("control", command, args, timeout, destination)
+
+
+@celery_cli.command()
+def cluster() -> None:
+    """Run every configured worker, plus beat (when a schedule exists) and Flower (when
+    installed and enabled), streaming their logs. Ctrl-C or SIGTERM stops them all."""
+    state = _state()
+    services = state.services
+    log_dir = state.settings.log_dir or os.getcwd()
+    sizes = _log_sizes(log_dir)
+
+    def stop_signal(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop_signal)
+    code = 0
+    try:
+        services.start()
+        names = ", ".join(c.name for c in services.children)
+        click.echo(f"[cluster] running {names} (Ctrl-C stops)")
+        if services.flower_url:
+            click.echo(f"[cluster] Flower: {services.flower_url}")
+        while True:
+            _stream(services.children, sizes)
+            dead = [c for c in services.children if not c.alive()]
+            if dead:
+                for child in dead:
+                    click.echo(f"[cluster] {child.name} exited ({child.process.returncode})")
+                code = 1
+                break
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        click.echo("[cluster] stopping")
+    finally:
+        services.stop(timeout=10)
+        _stream([], sizes)
+        signal.signal(signal.SIGTERM, previous)
+    sys.exit(code)
+
+
+def _log_sizes(log_dir: str) -> dict[str, int]:
+    sizes = {}
+    if os.path.isdir(log_dir):
+        for name in os.listdir(log_dir):
+            path = os.path.join(log_dir, name)
+            if name.endswith(".log") and os.path.isfile(path):
+                sizes[path] = os.path.getsize(path)
+    return sizes
+
+
+def _stream(children: t.Sequence[t.Any], sizes: dict[str, int]) -> None:
+    """Print what each child appended to its log since last time."""
+    for child in children:
+        path = child.log_path
+        try:
+            with open(path, "rb") as f:
+                f.seek(sizes.get(path, 0))
+                data = f.read()
+                sizes[path] = f.tell()
+        except OSError:
+            continue
+        for line in data.decode("utf-8", "replace").splitlines():
+            if line.strip():
+                click.echo(f"[{child.name}] {line}")

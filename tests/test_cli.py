@@ -1,0 +1,188 @@
+"""`flask celery ...`: through app.test_cli_runner() and as real subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from tests.conftest import descendants
+from tests.conftest import wait_gone
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_status_table_and_json(direct_app):
+    runner = direct_app.test_cli_runner()
+    result = runner.invoke(args=["celery", "status"])
+    assert result.exit_code == 0, result.output
+    node = next(line.split()[0] for line in result.output.splitlines() if "@" in line)
+    assert node.startswith("direct@")
+    assert "1 node online." in result.output
+    result = runner.invoke(args=["celery", "status", "--json"])
+    assert json.loads(result.output) == {node: "OK"}
+
+
+def test_status_exit_code_when_no_worker(broker_url):
+    from flask import Flask
+
+    from flask_execute import Celery
+
+    app = Flask("lonely")
+    app.config.update(SECRET_KEY="x", CELERY_BROKER_URL=broker_url,
+                      CELERY_START_LOCAL_WORKERS=False)  # fmt: skip
+    Celery(app)
+    result = app.test_cli_runner().invoke(args=["celery", "status", "--timeout", "0.3"])
+    assert result.exit_code == 1
+    assert "No worker answered." in result.output
+
+
+def test_inspect_and_control(direct_app):
+    runner = direct_app.test_cli_runner()
+    result = runner.invoke(args=["celery", "inspect", "ping"])
+    assert result.exit_code == 0, result.output
+    (node,) = json.loads(result.output)
+    assert json.loads(result.output) == {node: {"ok": "pong"}}
+    result = runner.invoke(args=["celery", "inspect", "registered", "-d", node])
+    assert "flask_execute.dispatch" in json.loads(result.output)[node]
+    result = runner.invoke(args=["celery", "control", "pool_grow", "1"])
+    assert result.exit_code == 0 and node in json.loads(result.output)
+    result = runner.invoke(args=["celery", "control", "pool_shrink", "1"])
+    assert result.exit_code == 0 and node in json.loads(result.output)
+    result = runner.invoke(args=["celery", "inspect", "no_such_command"])
+    assert result.exit_code == 2
+    assert "Celery has no inspect command 'no_such_command'" in result.output
+
+
+def test_help_lists_commands(direct_app):
+    result = direct_app.test_cli_runner().invoke(args=["celery", "--help"])
+    assert result.exit_code == 0
+    for command in ("worker", "cluster", "beat", "flower", "status", "inspect", "control"):
+        assert command in result.output
+
+
+def _flask(args, tmp_path, env=None, **kwargs):
+    return subprocess.Popen(
+        [sys.executable, "-m", "flask", *args],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), ROOT]), **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
+    )
+
+
+def _write_app(tmp_path, broker_url, log_dir, workers="['cli']", extra=""):
+    (tmp_path / "cliapp.py").write_text(
+        textwrap.dedent(
+            f"""
+            from flask import Flask
+            from flask_execute import Celery
+
+            celery = Celery()
+
+            def create_app():
+                app = Flask(__name__)
+                app.config.update(SECRET_KEY="cli", CELERY_BROKER_URL={broker_url!r},
+                                  CELERY_LOG_DIR={log_dir!r}, CELERY_WORKERS={workers},
+                                  CELERY_FLOWER=False, CELERY_START_LOCAL_WORKERS=False)
+                celery.init_app(app)
+                return app
+            """
+        )
+        + extra
+    )
+
+
+def _wait_for(proc, needle, timeout=30):
+    lines = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if needle in line:
+            return lines
+    raise AssertionError(f"{needle!r} not seen:\n" + "".join(lines))
+
+
+def test_worker_subprocess_with_options_from_config(tmp_path, broker_url, log_dir):
+    _write_app(tmp_path, broker_url, log_dir,
+               workers="{'foo': {'concurrency': 1, 'queues': ['special']}}")  # fmt: skip
+    proc = _flask(["--app", "cliapp:create_app", "celery", "worker", "-n", "foo@%h"], tmp_path,
+                  start_new_session=True)  # fmt: skip
+    try:
+        _wait_for(proc, "ready.")
+        sys.path.insert(0, str(tmp_path))
+        import cliapp
+
+        app = cliapp.create_app()
+        with app.app_context():
+            (queues,) = cliapp.celery.inspect.active_queues().values()
+            assert [q["name"] for q in queues] == ["special"]
+            (stats,) = cliapp.celery.inspect.stats().values()
+            assert stats["pool"]["max-concurrency"] == 1
+            from tests.apps.tasks import add
+
+            assert cliapp.celery.submit(add, 1, 2, queue="special").result(timeout=20) == 3
+        group = {p for p in descendants() if os.getpgid(p) == proc.pid}
+        proc.send_signal(signal.SIGTERM)  # reaches the real worker: it runs in-process
+        proc.wait(20)
+        assert not wait_gone(group, 10)
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("cliapp", None)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        proc.stdout.close()
+
+
+def test_cluster_streams_logs_and_stops_on_sigterm(tmp_path, broker_url, log_dir):
+    _write_app(tmp_path, broker_url, str(tmp_path / "logs"), workers="['c1', 'c2']",
+               extra="\n@celery.schedule(2.0)\ndef tick():\n    return 1\n")  # fmt: skip
+    proc = _flask(["--app", "cliapp:create_app", "celery", "cluster"], tmp_path)
+    try:
+        lines = _wait_for(proc, "[cluster] running")
+        assert "c1, c2, beat" in lines[-1]
+        _wait_for(proc, "ready.")
+        _wait_for(proc, "Sending due task")  # beat's own log line, streamed
+        children = descendants(proc.pid)
+        assert len(children) >= 5  # 2 workers (+ pool children) and beat
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+        assert time.monotonic() - start < 15
+        assert proc.returncode == 0
+        assert not wait_gone(children, 10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+
+
+def test_passthrough_subcommand(tmp_path, broker_url, log_dir):
+    _write_app(tmp_path, broker_url, log_dir)
+    proc = _flask(["--app", "cliapp:create_app", "celery", "report"], tmp_path)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "software -> celery" in out
+    assert broker_url.split("://")[0] in out
+
+
+@pytest.mark.parametrize("command", [["worker", "--help"], ["beat", "--help"]])
+def test_celery_help_passes_through(tmp_path, broker_url, log_dir, command):
+    _write_app(tmp_path, broker_url, log_dir)
+    proc = _flask(["--app", "cliapp:create_app", "celery", *command], tmp_path)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "--loglevel" in out
