@@ -75,6 +75,8 @@ def test_defaults() -> None:
         embedded_broker=True,
         broker_timeout=3.0,
         max_message_size=64 * 1024 * 1024,
+        pickle_by_value=True,
+        unsafe_allow_pickle=False,
     )
 
 
@@ -111,6 +113,8 @@ def test_key_table_covers_the_documented_keys() -> None:
         "CELERY_SIGNING_KEY_FALLBACKS": None,
         "CELERY_EMBEDDED_BROKER": True,
         "CELERY_BROKER_TIMEOUT": 3,
+        "CELERY_PICKLE_BY_VALUE": True,
+        "CELERY_UNSAFE_ALLOW_PICKLE": False,
         "CELERY_MAX_MESSAGE_SIZE": 64 * 1024 * 1024,
     }
     assert all(key.doc for key in KEYS)

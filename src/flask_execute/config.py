@@ -272,6 +272,18 @@ KEYS: tuple[Key, ...] = (
         "Seconds submit() may spend reaching the broker before BrokerUnavailable",
     ),
     Key(
+        "CELERY_PICKLE_BY_VALUE",
+        True,
+        _bool,
+        "Send lambdas, closures and __main__ functions by value (cloudpickle)",
+    ),
+    Key(
+        "CELERY_UNSAFE_ALLOW_PICKLE",
+        False,
+        _bool,
+        "Let Celery's own serializers use pickle (UNSAFE: broker writers can run code)",
+    ),
+    Key(
         "CELERY_MAX_MESSAGE_SIZE",
         64 * 1024 * 1024,
         _positive_int,
@@ -303,6 +315,8 @@ class Settings:
     embedded_broker: bool
     broker_timeout: float
     max_message_size: int
+    pickle_by_value: bool
+    unsafe_allow_pickle: bool
 
 
 def load(config: Mapping[str, object]) -> Settings:
@@ -350,6 +364,8 @@ def load(config: Mapping[str, object]) -> Settings:
         embedded_broker=values["CELERY_EMBEDDED_BROKER"],  # type: ignore[arg-type]
         broker_timeout=values["CELERY_BROKER_TIMEOUT"],  # type: ignore[arg-type]
         max_message_size=int(values["CELERY_MAX_MESSAGE_SIZE"]),  # type: ignore[call-overload]
+        pickle_by_value=values["CELERY_PICKLE_BY_VALUE"],  # type: ignore[arg-type]
+        unsafe_allow_pickle=values["CELERY_UNSAFE_ALLOW_PICKLE"],  # type: ignore[arg-type]
     )
 
 
@@ -401,20 +417,29 @@ def celery_settings(config: Mapping[str, object]) -> dict[str, object]:
         elif key.startswith("CELERY_") and key[7:].lower() in known:
             out[key[7:].lower()] = value
             source[key[7:].lower()] = key
+    unsafe: list[str] = []
     for name in _FORCED_JSON:
         value = out.get(name)
         if value is None:
             continue
         values = [value] if isinstance(value, str) else list(value)  # type: ignore[call-overload]
         bad = [v for v in values if v in _PICKLE_NAMES]
-        if bad:
+        if bad and config.get("CELERY_UNSAFE_ALLOW_PICKLE") is True:
+            unsafe.append(name)
+        elif bad:
             raise ConfigurationError(
                 f"{source.get(name, name)!r} (Celery setting {name!r}) asks for {bad[0]!r};"
                 " flask-execute keeps Celery's"
                 " serializers JSON-only so that nothing from the broker is unpickled before"
                 f" its signature is checked. Remove the key (got {value!r})."
             )
-    out.update(_FORCED_JSON)
+    if unsafe:
+        logging.getLogger("flask_execute.security").warning(
+            "CELERY_UNSAFE_ALLOW_PICKLE is on: Celery will unpickle %s from the broker;"
+            " anyone who can write to the broker can run code on the workers.",
+            ", ".join(unsafe),
+        )
+    out.update({k: v for k, v in _FORCED_JSON.items() if k not in unsafe})
     out.pop("task_always_eager", None)  # eager mode is ours: CELERY_ALWAYS_EAGER
     return out
 

@@ -21,6 +21,7 @@ from celery.exceptions import Ignore
 from celery.exceptions import Reject
 from celery.exceptions import Retry
 
+from .errors import RemoteError
 from .errors import SerializationError
 from .errors import SignatureError
 from .serialization import dump_exception
@@ -97,7 +98,7 @@ def execute(task: Task, state: _State, envelope: str) -> t.Any:
     """Verify, unpickle and run one envelope; return the sealed outcome."""
     tid = task.request.id
     try:
-        header, payload = state.codec.open(envelope, "call", tid)
+        header, payload = state.codec.open(envelope, "call", tid, {"task": task.name})
     except SignatureError as exc:
         if exc.reason != "python_mismatch":
             _reject(task, exc)
@@ -111,8 +112,8 @@ def execute(task: Task, state: _State, envelope: str) -> t.Any:
             task.backend.mark_as_revoked(tid, "cancelled", request=task.request)
             raise Ignore()
         if claim == "duplicate":
-            log.info("flask-execute: task %s [%s] already ran; duplicate dropped", label, tid)
-            raise Ignore()
+            # signed, but this delivery of it already ran (or runs): a replay
+            _reject(task, SignatureError("replayed", "This task id already ran."))
         task.update_state(
             state="STARTED", meta={"pid": os.getpid(), "hostname": task.request.hostname}
         )
@@ -133,6 +134,9 @@ def execute(task: Task, state: _State, envelope: str) -> t.Any:
                 outcomes.append((True, func(*args, **kwargs)))
             except _CONTROL_FLOW:
                 raise
+            except (SystemExit, KeyboardInterrupt) as exit_exc:
+                exit_error = _exit_error(exit_exc)
+                outcomes.append((False, (exit_error, exit_error.remote_traceback)))
             except Exception as exc:
                 outcomes.append((False, (exc, format_exception(exc))))
         try:
@@ -146,6 +150,11 @@ def execute(task: Task, state: _State, envelope: str) -> t.Any:
         value = func(*args, **kwargs)
     except _CONTROL_FLOW:
         raise
+    except (SystemExit, KeyboardInterrupt) as exc:
+        # raised by the task's own code (a terminate arrives as a signal, not this):
+        # report it; the worker process lives on
+        exit_error = _exit_error(exc)
+        raise _sealed_failure(state, tid, exit_error, exit_error.remote_traceback) from None
     except Exception as exc:
         raise _sealed_failure(state, tid, exc, format_exception(exc)).with_traceback(
             exc.__traceback__
@@ -159,6 +168,14 @@ def execute(task: Task, state: _State, envelope: str) -> t.Any:
         )
         raise _sealed_failure(state, tid, error, format_exception(exc)) from None
     return state.codec.seal("result", tid, data, by_value=by_value)
+
+
+def _exit_error(exc: BaseException) -> RemoteError:
+    return RemoteError(
+        f"builtins.{type(exc).__name__}",
+        f"the task raised {exc!r}; the worker was kept running",
+        format_exception(exc),
+    )
 
 
 def _portable(label: str, outcome: tuple[bool, object]) -> tuple[bool, object]:

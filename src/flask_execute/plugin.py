@@ -113,6 +113,10 @@ class _State:
             max_size=self.settings.max_message_size,
         )
         self.locator = locate(app)
+        self.pickling: dict[str, t.Any] = {
+            "models": "requery" if self.settings.sanitize_arguments else "refuse",
+            "by_value": self.settings.pickle_by_value,
+        }
         self.task_class = make_task_class(app, ext.base_task)
         self.base_queue: str | None = getattr(ext.base_task, "queue", None)
         self.controller = celery_module.Celery(
@@ -252,7 +256,7 @@ class _State:
         options: Mapping[str, t.Any],
         kind: str = "call",
     ) -> str:
-        extra: dict[str, object] = {"fn": label}
+        extra: dict[str, object] = {"fn": label, "task": DISPATCH}
         if kind != "call":
             extra["k"] = kind
         return self.codec.seal(
@@ -664,7 +668,7 @@ class Celery:
         state = self._get_state()
         call_args, call_kwargs = _sanitize(state, tuple(args), dict(kwargs or {}))
         task_id = str(uuid.uuid4())
-        payload, by_value = dump_call(func, call_args, call_kwargs)
+        payload, by_value = dump_call(func, call_args, call_kwargs, **state.pickling)
         label = function_label(func)
         envelope = state.seal_call(task_id, payload, by_value, label, options)
         future: Future[R] = Future(task_id, state, name=label, queue=options.get("queue"))
@@ -708,13 +712,13 @@ class Celery:
             batch = prepared[start : start + size]
             task_id = str(uuid.uuid4())
             if chunksize is None:
-                payload, by_value = dump_call(func, *batch[0])
+                payload, by_value = dump_call(func, *batch[0], **state.pickling)
                 envelope = state.seal_call(task_id, payload, by_value, label, options)
                 future: Future[R] = Future(task_id, state, name=label, queue=queue)
                 futures.append(future)
                 items.append((task_id, envelope, future))
             else:
-                payload, by_value = dump_calls(func, batch)
+                payload, by_value = dump_calls(func, batch, **state.pickling)
                 envelope = state.seal_call(task_id, payload, by_value, label, options, "chunk")
                 members: list[Future[R]] = [
                     Future(task_id, state, name=label, queue=queue) for _ in batch

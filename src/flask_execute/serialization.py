@@ -98,17 +98,46 @@ def _known_proxies() -> dict[int, tuple[str, str]]:
     return _proxies
 
 
+def _requery(model: type[t.Any], identity: tuple[t.Any, ...]) -> t.Any:
+    """Worker side of a model argument: load it again in this app context's session."""
+    from flask import current_app
+
+    db = current_app.extensions.get("sqlalchemy")
+    if db is None:
+        raise RuntimeError(
+            f"A {model.__name__} argument needs Flask-SQLAlchemy on the worker's app."
+        )
+    key = identity[0] if len(identity) == 1 else identity
+    obj = db.session.get(model, key)
+    if obj is None:
+        raise LookupError(f"{model.__name__} with primary key {key!r} no longer exists.")
+    return obj
+
+
+def _is_model(obj: object) -> bool:
+    if "sqlalchemy" not in sys.modules or isinstance(obj, type):
+        return False
+    return getattr(type(obj), "__mapper__", None) is not None
+
+
 class _TrackingPickler(cloudpickle.Pickler):  # type: ignore[misc]
     """cloudpickle, noting whether anything had to travel by value (code objects), and
     sending Flask's context proxies by name (a by-value function that uses
-    ``current_app`` must find the worker's app, not carry the caller's)."""
+    ``current_app`` must find the worker's app, not carry the caller's).
+
+    ``models``: ``"requery"`` sends SQLAlchemy model instances as (model, primary key),
+    loaded again on the worker; ``"refuse"`` refuses them; ``None`` pickles them as is.
+    """
 
     by_value = False
+    models: str | None = None
 
     def reducer_override(self, obj: object) -> object:
         ref = _known_proxies().get(id(obj))
         if ref is not None:
             return _import_attr, ref
+        if self.models is not None and _is_model(obj):
+            return self._reduce_model(obj)
         if not self.by_value and isinstance(obj, (types.FunctionType, type)):
             try:
                 by_ref = cloudpickle.cloudpickle._should_pickle_by_reference(obj)
@@ -118,14 +147,33 @@ class _TrackingPickler(cloudpickle.Pickler):  # type: ignore[misc]
                 self.by_value = True
         return super().reducer_override(obj)
 
+    def _reduce_model(self, obj: object) -> tuple[t.Any, ...]:
+        from sqlalchemy import inspect as sa_inspect
 
-def dumps(obj: object) -> tuple[bytes, bool]:
+        name = type(obj).__name__
+        if self.models == "refuse":
+            raise SerializationError(
+                f"A {name} model instance cannot be sent to a worker: pass its primary key"
+                " and query it in the task (or set CELERY_SANITIZE_ARGUMENTS=True to send"
+                " models by primary key)."
+            )
+        identity = sa_inspect(obj).identity
+        if identity is None:
+            raise SerializationError(
+                f"The {name} instance has no primary key yet (it was never saved):"
+                " commit it before submitting, or pass its data instead."
+            )
+        return _requery, (type(obj), tuple(identity))
+
+
+def dumps(obj: object, *, models: str | None = None) -> tuple[bytes, bool]:
     """Pickle ``obj`` with cloudpickle; return the bytes and whether code travelled by
     value (then the payload is only valid for the same Python minor version)."""
     import io
 
     buffer = io.BytesIO()
     pickler = _TrackingPickler(buffer, protocol=PROTOCOL)
+    pickler.models = models
     pickler.dump(obj)
     return buffer.getvalue(), pickler.by_value
 
@@ -138,32 +186,53 @@ def dump_call(
     func: Callable[..., object],
     args: tuple[object, ...],
     kwargs: dict[str, object],
+    *,
+    models: str | None = None,
+    by_value: bool = True,
 ) -> tuple[bytes, bool]:
     """Pickle one call. On failure, find and name the culprit.
 
     :raises SerializationError: naming the function or the argument that cannot be
-        pickled, and why.
+        pickled, and why; or, with ``by_value=False``, saying that code would have to
+        travel by value.
     """
     try:
-        return dumps((func, args, kwargs))
+        data, used_value = dumps((func, args, kwargs), models=models)
     except Exception as exc:
-        raise _call_error(func, args, kwargs, exc) from exc
+        raise _call_error(func, args, kwargs, exc, models) from exc
+    if used_value and not by_value:
+        raise _by_value_error(func)
+    return data, used_value
 
 
 def dump_calls(
     func: Callable[..., object],
     calls: list[tuple[tuple[object, ...], dict[str, object]]],
+    *,
+    models: str | None = None,
+    by_value: bool = True,
 ) -> tuple[bytes, bool]:
     """Pickle several calls of one function (a ``map`` chunk)."""
     try:
-        return dumps((func, calls))
+        data, used_value = dumps((func, calls), models=models)
     except Exception as exc:
         for args, kwargs in calls:
             try:
-                dumps((args, kwargs))
+                dumps((args, kwargs), models=models)
             except Exception as inner:
-                raise _call_error(func, args, kwargs, inner) from inner
-        raise _call_error(func, (), {}, exc) from exc
+                raise _call_error(func, args, kwargs, inner, models) from inner
+        raise _call_error(func, (), {}, exc, models) from exc
+    if used_value and not by_value:
+        raise _by_value_error(func)
+    return data, used_value
+
+
+def _by_value_error(func: Callable[..., object]) -> SerializationError:
+    return SerializationError(
+        f"{function_label(func)} (or something in its arguments) is not importable by"
+        " reference — a lambda, a closure or code from __main__ — and"
+        " CELERY_PICKLE_BY_VALUE is off. Move it to an importable module."
+    )
 
 
 def _call_error(
@@ -171,6 +240,7 @@ def _call_error(
     args: tuple[object, ...],
     kwargs: dict[str, object],
     exc: BaseException,
+    models: str | None = None,
 ) -> SerializationError:
     label = function_label(func)
     try:
@@ -196,7 +266,7 @@ def _call_error(
     named = [*zip(names, args, strict=True), *((f"argument {k!r}", v) for k, v in kwargs.items())]
     for name, value in named:
         try:
-            dumps(value)
+            dumps(value, models=models)
         except Exception as inner:
             return SerializationError(
                 f"{name[0].upper()}{name[1:]} of {label} cannot be serialized"
@@ -303,8 +373,16 @@ class Codec:
             )
         return envelope
 
-    def open(self, envelope: object, purpose: str, tid: str) -> tuple[dict[str, t.Any], bytes]:
+    def open(
+        self,
+        envelope: object,
+        purpose: str,
+        tid: str,
+        bindings: dict[str, object] | None = None,
+    ) -> tuple[dict[str, t.Any], bytes]:
         """Verify an envelope and return its header and payload bytes (still pickled).
+
+        ``bindings`` are further header fields that must match (e.g. the task name).
 
         :raises SignatureError: with ``reason`` set; nothing was deserialized.
         """
@@ -341,6 +419,9 @@ class Codec:
             raise SignatureError("bad_mac", "Envelope signature does not match.")
         if header.get("tid") != tid:
             raise SignatureError("binding_mismatch", "Envelope belongs to another task id.")
+        for field, value in (bindings or {}).items():
+            if header.get(field) != value:
+                raise SignatureError("binding_mismatch", f"Envelope is not for this {field}.")
         now = time.time()
         exp, iat = header.get("exp"), header.get("iat")
         if not isinstance(exp, int) or not isinstance(iat, int):
