@@ -186,3 +186,20 @@ def test_celery_help_passes_through(tmp_path, broker_url, log_dir, command):
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
     assert "--loglevel" in out
+
+
+def test_control_shutdown_is_not_an_error(tmp_path, broker_url, log_dir):
+    _write_app(tmp_path, broker_url, log_dir)
+    worker = _flask(["--app", "cliapp:create_app", "celery", "worker", "-n", "bye@%h",
+                     "--pool=solo"], tmp_path)  # fmt: skip
+    try:
+        _wait_for(worker, "ready.")
+        proc = _flask(["--app", "cliapp:create_app", "celery", "control", "shutdown"], tmp_path)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, out
+        assert worker.wait(20) == 0  # it did shut down
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+        worker.stdout.close()

@@ -77,6 +77,7 @@ def test_defaults() -> None:
         max_message_size=64 * 1024 * 1024,
         pickle_by_value=True,
         unsafe_allow_pickle=False,
+        max_deliveries=3,
     )
 
 
@@ -113,6 +114,7 @@ def test_key_table_covers_the_documented_keys() -> None:
         "CELERY_SIGNING_KEY_FALLBACKS": None,
         "CELERY_EMBEDDED_BROKER": True,
         "CELERY_BROKER_TIMEOUT": 3,
+        "CELERY_MAX_DELIVERIES": 3,
         "CELERY_PICKLE_BY_VALUE": True,
         "CELERY_UNSAFE_ALLOW_PICKLE": False,
         "CELERY_MAX_MESSAGE_SIZE": 64 * 1024 * 1024,

@@ -1,5 +1,7 @@
 """The docs stay in step with the code: every config key is documented with its
-default, and the README's quick start is exactly two commands."""
+default, every worker option with the `celery worker` flag it becomes, every
+`flask celery` command has a section, links resolve, and the README's quick start
+is exactly two commands."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import re
 import pytest
 
 from flask_execute.config import KEYS
+from flask_execute.config import worker_argv
+from flask_execute.config import WORKER_OPTIONS
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -48,3 +52,65 @@ def test_readme_quick_start_is_two_commands():
     assert block is not None
     commands = [line.strip() for line in block.group(1).splitlines() if line.strip()]
     assert commands == ["make demo", "make test"]
+
+
+# --- the worker options table ----------------------------------------------------------
+def option_rows(text: str) -> dict[str, list[str]]:
+    """``{option: cells}`` for every Markdown table row whose first cell is `lower_case`."""
+    rows = {}
+    for line in text.splitlines():
+        match = re.match(r"\|\s*`([a-z_]+)`\s*\|", line)
+        if match:
+            rows[match.group(1)] = [c.strip() for c in line.strip().strip("|").split("|")]
+    return rows
+
+
+@pytest.fixture(scope="module")
+def worker_option_rows() -> dict[str, list[str]]:
+    text = (ROOT / "docs" / "workers-and-queues.md").read_text(encoding="utf-8")
+    section = text.split("### Worker options", 1)[1].split("\n## ", 1)[0]
+    return option_rows(section)
+
+
+def test_worker_options_table_matches_code(worker_option_rows):
+    assert set(worker_option_rows) == set(WORKER_OPTIONS)
+
+
+@pytest.mark.parametrize("option", WORKER_OPTIONS)
+def test_worker_option_documented_with_its_flag(option, worker_option_rows):
+    from celery.bin.worker import worker
+
+    assert option in worker_option_rows, f"{option} is missing from docs/workers-and-queues.md"
+    cells = worker_option_rows[option]
+    assert len(cells) == 4 and all(cells), cells
+    flag = "-n" if option == "hostname" else "--" + option.replace("_", "-")
+    rendered = worker_argv("w", {option: _sample(WORKER_OPTIONS[option])}, "INFO")
+    assert any(arg == flag or arg.startswith(flag + "=") for arg in rendered), rendered
+    assert f"`{flag}" in cells[2], f"{option}: the flag cell should show {flag}"
+    celery_flags = {opt for param in worker.params for opt in param.opts}
+    assert flag in celery_flags, f"{flag} is not a `celery worker` option"
+
+
+def _sample(kind: str) -> object:
+    return {"int": 2, "level": "INFO", "str": "x", "list": ["a"], "pair": [4, 1],
+            "number": 5, "flag": True}[kind]  # fmt: skip
+
+
+# --- the CLI page and links --------------------------------------------------------------
+def test_every_cli_command_documented():
+    from flask_execute.cli import celery_cli
+
+    text = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
+    for name in celery_cli.commands:
+        assert f"## `flask celery {name}`" in text, f"docs/cli.md has no section for {name}"
+
+
+@pytest.mark.parametrize(
+    "page", ["README.md", *sorted(p.relative_to(ROOT).as_posix() for p in ROOT.glob("docs/*.md"))]
+)
+def test_relative_links_resolve(page):
+    path = ROOT / page
+    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", path.read_text(encoding="utf-8")):
+        if "://" in target or target.startswith("mailto:"):
+            continue
+        assert (path.parent / target).exists(), f"{page} links to missing {target}"

@@ -130,7 +130,8 @@ def test_no_worker_times_out_and_says_why(broker_url, log_dir):
     with pytest.raises(TaskTimeoutError) as info:
         future.result(timeout=0.5)
     assert time.monotonic() - start < 1.5
-    assert "local workers are off (CELERY_START_LOCAL_WORKERS=False)" in str(info.value)
+    assert "No worker consumes queue 'celery' (workers seen: none)." in str(info.value)
+    assert "Local workers are off (CELERY_START_LOCAL_WORKERS=False)" in str(info.value)
     assert isinstance(info.value, TimeoutError)
     assert descendants() == before  # nothing was started
 

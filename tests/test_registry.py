@@ -256,3 +256,54 @@ def test_flower_missing_is_one_log_line(broker_url, log_dir, monkeypatch, caplog
         assert celery.submit(json.dumps, [1]).result(timeout=10) == "[1]"
     finally:
         celery.stop()
+
+
+def test_eager_delay_runs_inline():
+    celery = Celery()
+
+    @celery.task
+    def double(x):
+        return 2 * x
+
+    app = Flask("eager_registered")
+    app.config.update(SECRET_KEY="e", CELERY_ALWAYS_EAGER=True)
+    celery.init_app(app)
+    with app.app_context():
+        result = double.delay(21)
+        assert result.get(timeout=1) == 42
+        assert result.state == "SUCCESS"
+
+
+def test_delay_starts_local_workers(tmp_path, broker_url, log_dir):
+    import textwrap
+
+    (tmp_path / "delayapp.py").write_text(
+        textwrap.dedent(
+            f"""
+            from flask import Flask
+            from flask_execute import Celery
+
+            app = Flask(__name__)
+            app.config.update(SECRET_KEY="d", CELERY_BROKER_URL={broker_url!r},
+                              CELERY_LOG_DIR={log_dir!r}, CELERY_WORKERS=["delayed"],
+                              CELERY_FLOWER=False)
+            celery = Celery(app)
+
+            @celery.task
+            def triple(x):
+                return 3 * x
+            """
+        )
+    )
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import delayapp
+
+        try:
+            assert delayapp.triple.delay(3).get(timeout=20) == 9  # no start() before
+            assert delayapp.celery.task.triple.apply_async((4,)).get(timeout=10) == 12
+        finally:
+            delayapp.celery.stop()
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("delayapp", None)

@@ -105,7 +105,9 @@ def test_unconsumed_queue_times_out_saying_so(direct_app):
         with pytest.raises(TimeoutError) as info:
             future.result(timeout=0.5)
         assert time.monotonic() - start < 2
-        assert "No local worker consumes queue 'nobody-listens'" in str(info.value)
+        message = str(info.value)
+        assert "No worker consumes queue 'nobody-listens' (workers seen: direct@" in message
+        assert "[celery, high-priority]" in message
         assert future.cancel()
 
 

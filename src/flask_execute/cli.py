@@ -94,10 +94,12 @@ def worker(args: tuple[str, ...]) -> None:
     node = _node_name(argv)
     defaults: list[str] = []
     if node is not None:
-        options = state.settings.workers.get(node.split("@")[0])
-        if options is not None:
-            defaults = worker_argv(node.split("@")[0], options, state.settings.log_level)
-            defaults = defaults[2:]  # the -n given here stays
+        name = node.split("@")[0]
+        if name in state.settings.workers:
+            options = state.worker_options(name, local=False)
+            defaults = worker_argv(name, options, state.settings.log_level)[2:]  # -n stays
+    elif state.base_queue:
+        defaults = [f"--queues={state.controller.conf.task_default_queue},{state.base_queue}"]
     if not any(a.startswith(("-l", "--loglevel")) for a in [*argv, *defaults]):
         defaults.append(f"--loglevel={state.settings.log_level}")
     _run_celery(["worker", *defaults, *argv])
@@ -109,6 +111,7 @@ def beat(args: tuple[str, ...]) -> None:
     """Run beat with the schedules of @celery.schedule and beat_schedule."""
     state = _state()
     log_dir = state.settings.log_dir or os.getcwd()
+    os.makedirs(log_dir, exist_ok=True)
     defaults = [
         f"--loglevel={state.settings.log_level}",
         f"--schedule={os.path.join(log_dir, 'celerybeat-schedule')}",
@@ -165,7 +168,7 @@ def _remote(kind: str, command: str, args: tuple[str, ...], timeout: float,
         *[_value(a) for a in args], timeout=timeout, destination=list(destination) or None
     )
     click.echo(json.dumps(replies, indent=2, sort_keys=True, default=str))
-    if not replies:
+    if not replies and command != "shutdown":  # shutdown is never answered
         click.echo("No worker answered.", err=True)
         sys.exit(1)
 
@@ -214,28 +217,42 @@ def cluster() -> None:
 
     previous = signal.signal(signal.SIGTERM, stop_signal)
     code = 0
+    children: list[t.Any] = []
     try:
         services.start()
-        names = ", ".join(c.name for c in services.children)
-        click.echo(f"[cluster] running {names} (Ctrl-C stops)")
-        if services.flower_url:
-            click.echo(f"[cluster] Flower: {services.flower_url}")
-        while True:
-            _stream(services.children, sizes)
-            dead = [c for c in services.children if not c.alive()]
-            if dead:
-                for child in dead:
-                    click.echo(f"[cluster] {child.name} exited ({child.process.returncode})")
-                code = 1
-                break
-            time.sleep(0.2)
+        if not services.owner:
+            click.echo(
+                "[cluster] another process on this host already runs this app's services"
+                f" (lock in {state.runtime_dir}); nothing to do here.",
+                err=True,
+            )
+            code = 1
+        else:
+            children = services.children
+            code = _supervise(services, sizes)
     except KeyboardInterrupt:
         click.echo("[cluster] stopping")
     finally:
         services.stop(timeout=10)
-        _stream([], sizes)
+        _stream(children, sizes)  # what they wrote while stopping
         signal.signal(signal.SIGTERM, previous)
     sys.exit(code)
+
+
+def _supervise(services: t.Any, sizes: dict[str, int]) -> int:
+    """Stream logs until a service dies (exit code 1) or we are interrupted."""
+    names = ", ".join(c.name for c in services.children)
+    click.echo(f"[cluster] running {names} (Ctrl-C stops)")
+    if services.flower_url:
+        click.echo(f"[cluster] Flower: {services.flower_url}")
+    while True:
+        _stream(services.children, sizes)
+        dead = [c for c in services.children if not c.alive()]
+        if dead:
+            for child in dead:
+                click.echo(f"[cluster] {child.name} exited ({child.process.returncode})")
+            return 1
+        time.sleep(0.2)
 
 
 def _log_sizes(log_dir: str) -> dict[str, int]:

@@ -272,6 +272,12 @@ KEYS: tuple[Key, ...] = (
         "Seconds submit() may spend reaching the broker before BrokerUnavailable",
     ),
     Key(
+        "CELERY_MAX_DELIVERIES",
+        3,
+        _positive_int,
+        "At-least-once tasks: deliveries (worker deaths) before giving up with a failure",
+    ),
+    Key(
         "CELERY_PICKLE_BY_VALUE",
         True,
         _bool,
@@ -317,6 +323,7 @@ class Settings:
     max_message_size: int
     pickle_by_value: bool
     unsafe_allow_pickle: bool
+    max_deliveries: int
 
 
 def load(config: Mapping[str, object]) -> Settings:
@@ -366,6 +373,7 @@ def load(config: Mapping[str, object]) -> Settings:
         max_message_size=int(values["CELERY_MAX_MESSAGE_SIZE"]),  # type: ignore[call-overload]
         pickle_by_value=values["CELERY_PICKLE_BY_VALUE"],  # type: ignore[arg-type]
         unsafe_allow_pickle=values["CELERY_UNSAFE_ALLOW_PICKLE"],  # type: ignore[arg-type]
+        max_deliveries=values["CELERY_MAX_DELIVERIES"],  # type: ignore[arg-type]
     )
 
 

@@ -75,6 +75,8 @@ class Control:
             **kwargs: t.Any,
         ) -> t.Any:
             limit = len(destination) if destination else self._limit
+            if command == "shutdown":
+                reply = False  # a worker shutting down never answers
             if command != "ping":  # ping always asks for replies
                 kwargs["reply"] = reply
             replies = method(*args, destination=destination, timeout=timeout, limit=limit, **kwargs)

@@ -36,6 +36,9 @@ if t.TYPE_CHECKING:
 __all__ = ["DISPATCH", "execute", "make_carrier", "security_log"]
 
 DISPATCH = "flask_execute.dispatch"
+#: The at-least-once variant: acknowledged after the call, requeued if its worker
+#: process dies (``submit(..., acks_late=True)`` or Celery's ``task_acks_late``).
+DISPATCH_LATE = "flask_execute.dispatch_acks_late"
 security_log = logging.getLogger("flask_execute.security")
 log = logging.getLogger(__name__)
 _CONTROL_FLOW = (Retry, Ignore, Reject)
@@ -106,14 +109,31 @@ def execute(task: Task, state: _State, envelope: str) -> t.Any:
         raise _sealed_failure(state, tid, SerializationError(str(exc)), "") from None
     label = header.get("fn", "?")
     if not task.request.is_eager:
-        claim = state.claim(tid, task.request.retries or 0)
+        claim = state.claim(tid, task.request.retries or 0, late=task.name == DISPATCH_LATE)
         if claim == "cancelled":
             log.info("flask-execute: task %s [%s] was cancelled before it started", label, tid)
             task.backend.mark_as_revoked(tid, "cancelled", request=task.request)
             raise Ignore()
         if claim == "duplicate":
+            if task.name == DISPATCH_LATE and (task.request.delivery_info or {}).get("redelivered"):
+                # at-least-once: the broker gave back a message whose task finished
+                log.info("flask-execute: task %s [%s] already finished; redelivery dropped",
+                         label, tid)  # fmt: skip
+                raise Ignore()
             # signed, but this delivery of it already ran (or runs): a replay
             _reject(task, SignatureError("replayed", "This task id already ran."))
+        if claim == "poison":
+            cap = state.settings.max_deliveries
+            poison = RemoteError(
+                "flask_execute.PoisonMessage",
+                f"{label} was delivered {cap} times without finishing (its worker process"
+                " died each time); it is not retried again (CELERY_MAX_DELIVERIES).",
+            )
+            log.error("flask-execute: task %s [%s] gave up after %d deliveries", label, tid, cap)
+            task.backend.mark_as_failure(
+                tid, _sealed_failure(state, tid, poison, ""), request=task.request
+            )
+            raise Ignore()
         task.update_state(
             state="STARTED", meta={"pid": os.getpid(), "hostname": task.request.hostname}
         )

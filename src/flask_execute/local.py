@@ -480,13 +480,7 @@ class LocalServices:
             started: list[Child] = []
             for name, options in settings.workers.items():
                 log_path = str(options.get("logfile") or os.path.join(log_dir, f"{name}.log"))
-                # mingle only syncs revokes between workers at boot (we keep cancels in
-                # the result backend); skipping it saves a second of start-up.
-                options = {"without_mingle": True, **options}
-                if "queues" not in options and state.base_queue:
-                    # a base_task with `queue = ...` routes every task there: consume it
-                    default = state.controller.conf.task_default_queue
-                    options["queues"] = list(dict.fromkeys([default, state.base_queue]))
+                options = state.worker_options(name)
                 argv = [
                     sys.executable, "-m", "celery", "-A", "flask_execute.celery", "worker",
                     *worker_argv(name, options, settings.log_level),

@@ -38,6 +38,7 @@ from .context import make_task_class
 from .control import Control
 from .control import Inspect
 from .dispatch import DISPATCH
+from .dispatch import DISPATCH_LATE
 from .dispatch import execute
 from .errors import BrokerUnavailable
 from .errors import ConfigurationError
@@ -77,7 +78,7 @@ R = t.TypeVar("R")
 RESERVED_OPTIONS = frozenset(
     {
         "queue", "countdown", "eta", "expires", "priority", "retry", "retry_policy",
-        "time_limit", "soft_time_limit",
+        "time_limit", "soft_time_limit", "acks_late",
     }
 )  # fmt: skip
 _REFUSED_OPTIONS = frozenset({"serializer", "args", "kwargs", "shadow", "argsrepr", "kwargsrepr"})
@@ -131,12 +132,26 @@ class _State:
             "broker_connection_retry_on_startup": True,
             "broker_connection_timeout": timeout,
             "broker_connection_max_retries": 2,
-            "broker_transport_options": {"socket_connect_timeout": timeout, **retry},
+            # kombu scans for unacknowledged messages to redeliver only every 100 s by
+            # default; every 10 s makes at-least-once recovery prompt
+            "broker_transport_options": {
+                "socket_connect_timeout": timeout,
+                "unacked_restore_interval": 10,
+                "unacked_restore_throttle": 1,
+                **retry,
+            },
             "task_publish_retry_policy": retry,
             "redis_socket_connect_timeout": timeout,
             "worker_hijack_root_logger": True,
         }
+        user_transport = celery_settings.pop("broker_transport_options", None) or {}
+        conf["broker_transport_options"] = {
+            **t.cast(dict[str, t.Any], conf["broker_transport_options"]),
+            **t.cast(dict[str, t.Any], user_transport),
+        }
         conf.update(celery_settings)
+        # eager mode is ours (CELERY_ALWAYS_EAGER); registered tasks' delay() follows it
+        conf["task_always_eager"] = self.eager
         # the URLs decided above win over a CELERY={"broker_url": ...} the user also set
         conf.update(broker_url=self.broker_url, result_backend=self.backend_url)
         self.controller.conf.update(conf)
@@ -147,12 +162,32 @@ class _State:
         # track_started off: execute() reports STARTED itself, after the envelope checked
         # out, so nothing is ever written under an unauthenticated task id.
         @self.controller.task(  # type: ignore[untyped-decorator]
-            name=DISPATCH, bind=True, shared=False, typing=False, track_started=False
+            name=DISPATCH,
+            bind=True,
+            shared=False,
+            typing=False,
+            track_started=False,
+            acks_late=False,
         )
         def dispatch(task: Task, envelope: str) -> t.Any:
             return execute(task, state, envelope)
 
+        @self.controller.task(  # type: ignore[untyped-decorator]
+            name=DISPATCH_LATE,
+            bind=True,
+            shared=False,
+            typing=False,
+            track_started=False,
+            acks_late=True,
+            reject_on_worker_lost=True,
+        )
+        def dispatch_acks_late(task: Task, envelope: str) -> t.Any:
+            return execute(task, state, envelope)
+
         self.dispatch = dispatch
+        self.dispatch_late = dispatch_acks_late
+        self.visibility_timeout = _visibility_timeout(self.controller, self.broker_url)
+        _check_time_limit(self.controller, self.visibility_timeout)
         self._watcher: Watcher | None = None
         self._watcher_lock = threading.Lock()
         self.services = LocalServices(self)
@@ -230,6 +265,19 @@ class _State:
         return _signing_keys(self.app, self.settings, self.runtime_dir)
 
     # --- local services -------------------------------------------------------------
+    def worker_options(self, name: str, local: bool = True) -> dict[str, object]:
+        """The `celery worker` options of one configured worker, with our defaults."""
+        options = dict(self.settings.workers[name])
+        if local:
+            # mingle only syncs revokes between workers at boot (we keep cancels in the
+            # result backend); skipping it saves a second of start-up
+            options = {"without_mingle": True, **options}
+        if "queues" not in options and self.base_queue:
+            # a base_task with `queue = ...` routes every task there: consume it too
+            default = self.controller.conf.task_default_queue
+            options["queues"] = list(dict.fromkeys([default, self.base_queue]))
+        return options
+
     def ensure_started(self) -> None:
         """Start local services on first use, once, unless disabled."""
         if self._started:
@@ -255,8 +303,9 @@ class _State:
         label: str,
         options: Mapping[str, t.Any],
         kind: str = "call",
+        task: Task | None = None,
     ) -> str:
-        extra: dict[str, object] = {"fn": label, "task": DISPATCH}
+        extra: dict[str, object] = {"fn": label, "task": (task or self.dispatch).name}
         if kind != "call":
             extra["k"] = kind
         return self.codec.seal(
@@ -273,15 +322,17 @@ class _State:
         items: list[tuple[str, str, Future[t.Any] | _Chunk]],
         label: str,
         options: dict[str, t.Any],
+        task: Task | None = None,
     ) -> None:
         """Publish envelopes (one producer connection for all of them)."""
+        task = task or self.dispatch
         watcher = self.watcher_or_error()
         for task_id, _, handler in items:
             watcher.watch(task_id, handler)
         try:
             with self.controller.producer_or_acquire() as producer:
                 for task_id, envelope, _ in items:
-                    self.dispatch.apply_async(
+                    task.apply_async(
                         (envelope,),
                         task_id=task_id,
                         shadow=label,
@@ -309,7 +360,40 @@ class _State:
                 " Is it running? (CELERY_RESULT_BACKEND)"
             ) from exc
 
-    def run_eager(self, handler: Future[t.Any] | _Chunk, task_id: str, envelope: str) -> None:
+    def dispatch_for(self, options: dict[str, t.Any]) -> Task:
+        """Pick the dispatch task for these options (``acks_late`` is popped) and refuse
+        what would run an at-least-once task twice by design.
+
+        :raises ConfigurationError: a countdown, ETA or time limit reaches the Redis
+            visibility timeout.
+        """
+        late = options.pop("acks_late", None)
+        if late is None:
+            late = bool(self.controller.conf.task_acks_late)
+        if not late:
+            return self.dispatch
+        limit = self.visibility_timeout
+        if limit is not None:
+            wait = _not_before(options)
+            ahead = (wait - time.time()) if wait else 0.0
+            run = options.get("time_limit") or self.controller.conf.task_time_limit or 0
+            if ahead + run >= limit:
+                raise ConfigurationError(
+                    f"An at-least-once task starting in {ahead:.0f} s with a time limit of"
+                    f" {run} s would outlive the Redis visibility timeout ({limit} s): Redis"
+                    " would deliver it again while it waits or runs, and it would run twice."
+                    " Raise CELERY_BROKER_TRANSPORT_OPTIONS['visibility_timeout'] or shorten"
+                    " the countdown/ETA/time limit."
+                )
+        return self.dispatch_late
+
+    def run_eager(
+        self,
+        handler: Future[t.Any] | _Chunk,
+        task_id: str,
+        envelope: str,
+        task: Task | None = None,
+    ) -> None:
         members = handler.members if isinstance(handler, _Chunk) else [handler]
         if isinstance(handler, Future):
             self.eager_futures[task_id] = handler
@@ -322,7 +406,7 @@ class _State:
         try:
             for member in members:
                 member._on_state("STARTED")
-            result = self.dispatch.apply((envelope,), task_id=task_id, throw=False)
+            result = (task or self.dispatch).apply((envelope,), task_id=task_id, throw=False)
         finally:
             _eager_listeners.reset(token)
         if result.state == "SUCCESS":
@@ -433,15 +517,30 @@ class _State:
         backend = self.controller.backend
         return backend.client if isinstance(backend, RedisBackend) else None
 
-    def claim(self, task_id: str, attempt: int) -> str:
-        """Worker side, before running a call: ``run``, ``cancelled`` or ``duplicate``."""
+    def claim(self, task_id: str, attempt: int, late: bool = False) -> str:
+        """Worker side, before running a call: ``run``, ``cancelled``, ``duplicate``
+        (this delivery already ran: a replay) or ``poison`` (at-least-once only: the
+        delivery cap is reached)."""
         client = self._redis()
         if client is None:
             return "run"
         key = self._claim_key(task_id, attempt)
-        if client.set(key, "run", nx=True, ex=int(self.codec.max_age) + 60):
+        ttl = int(self.codec.max_age) + 60
+        if client.set(key, "run", nx=True, ex=ttl):
+            if late:
+                client.set(f"flask-execute:deliveries:{task_id}", 1, ex=ttl)
             return "run"
-        return "cancelled" if client.get(key) == b"cancelled" else "duplicate"
+        if client.get(key) == b"cancelled":
+            return "cancelled"
+        if not late:
+            return "duplicate"
+        # at-least-once: a redelivery after a lost worker runs again, unless the task
+        # already finished (then it is a replay) or kept killing its worker
+        meta = self.controller.backend.get_task_meta(task_id)
+        if meta.get("status") in READY:
+            return "duplicate"
+        deliveries = client.incr(f"flask-execute:deliveries:{task_id}")
+        return "poison" if deliveries > self.settings.max_deliveries else "run"
 
     def cancel_task(self, future: Future[t.Any], terminate: bool) -> bool:
         """Caller side of ``Future.cancel``: True when the task will never run (or, with
@@ -465,27 +564,31 @@ class _State:
             self.watcher.hold(future.id, future)
 
     def describe_wait(self, future: Future[t.Any]) -> str:
+        """Why a future is still pending, for its timeout error: which workers answer,
+        and whether any consumes its queue (asks them, for at most 0.3 s)."""
         if future.state != "PENDING":
             return ""
+        queue = future._queue or self.base_queue or self.controller.conf.task_default_queue
+        try:
+            replies = Inspect(self.controller).active_queues(timeout=0.3)
+        except Exception as exc:
+            return f" The broker could not be asked which workers run ({exc})."
+        seen = ", ".join(
+            f"{node} [{', '.join(q['name'] for q in queues)}]"
+            for node, queues in sorted(replies.items())
+        )
+        consumers = [
+            node for node, queues in replies.items() if any(q["name"] == queue for q in queues)
+        ]
+        if consumers:
+            return f" Workers consuming {queue!r}: {', '.join(sorted(consumers))} (busy?)."
+        hint = ""
         if not self.settings.start_local_workers:
-            return (
-                " No worker has started it: local workers are off"
-                " (CELERY_START_LOCAL_WORKERS=False); is a worker running for this app"
-                f" on broker {_safe_url(self.broker_url)}?"
+            hint = (
+                " Local workers are off (CELERY_START_LOCAL_WORKERS=False): is a worker"
+                f" running for this app on broker {_safe_url(self.broker_url)}?"
             )
-        queue = future._queue
-        if queue:
-            consumers = [
-                name
-                for name, options in self.settings.workers.items()
-                if queue in t.cast(list[str], options.get("queues", []))
-            ]
-            if not consumers:
-                return (
-                    f" No local worker consumes queue {queue!r} (CELERY_WORKERS);"
-                    " add it to a worker's 'queues'."
-                )
-        return " No worker has started it yet."
+        return f" No worker consumes queue {queue!r} (workers seen: {seen or 'none'}).{hint}"
 
     # --- operating ---------------------------------------------------------------------
     def ping(self, timeout: float = 1.0, limit: int | None = None) -> dict[str, str]:
@@ -498,6 +601,26 @@ class _State:
                 ok = isinstance(answer, Mapping) and answer.get("ok") == "pong"
                 out[name] = "OK" if ok else str(answer)
         return out
+
+
+def _visibility_timeout(controller: t.Any, broker_url: str) -> float | None:
+    """Redis redelivers a message not acknowledged within this many seconds."""
+    if not broker_url.startswith(("redis", "rediss")):
+        return None
+    options = controller.conf.broker_transport_options or {}
+    return float(options.get("visibility_timeout", 3600))
+
+
+def _check_time_limit(controller: t.Any, visibility: float | None) -> None:
+    conf = controller.conf
+    limit = conf.task_time_limit
+    if visibility is not None and conf.task_acks_late and limit and limit >= visibility:
+        raise ConfigurationError(
+            f"'CELERY_TASK_TIME_LIMIT' ({limit} s) must be shorter than the Redis visibility"
+            f" timeout ({visibility:g} s, CELERY_BROKER_TRANSPORT_OPTIONS['visibility_timeout'])"
+            " when tasks are acknowledged late: a task still running when it expires is"
+            " delivered again and runs twice."
+        )
 
 
 def _with_traceback(exc: BaseException, tb_text: str | None) -> BaseException:
@@ -670,13 +793,14 @@ class Celery:
         task_id = str(uuid.uuid4())
         payload, by_value = dump_call(func, call_args, call_kwargs, **state.pickling)
         label = function_label(func)
-        envelope = state.seal_call(task_id, payload, by_value, label, options)
+        task = state.dispatch_for(options)
+        envelope = state.seal_call(task_id, payload, by_value, label, options, task=task)
         future: Future[R] = Future(task_id, state, name=label, queue=options.get("queue"))
         if state.eager:
-            state.run_eager(future, task_id, envelope)
+            state.run_eager(future, task_id, envelope, task)
             return future
         state.ensure_started()
-        state.publish([(task_id, envelope, future)], label, options)
+        state.publish([(task_id, envelope, future)], label, options, task)
         return future
 
     def map(
@@ -701,6 +825,7 @@ class Celery:
         state = self._get_state()
         label = function_label(func)
         queue = options.get("queue")
+        task = state.dispatch_for(options)
         prepared = []
         for call in calls:
             call_args = tuple(call) if isinstance(call, (tuple, list)) else (call,)
@@ -713,13 +838,15 @@ class Celery:
             task_id = str(uuid.uuid4())
             if chunksize is None:
                 payload, by_value = dump_call(func, *batch[0], **state.pickling)
-                envelope = state.seal_call(task_id, payload, by_value, label, options)
+                envelope = state.seal_call(task_id, payload, by_value, label, options, task=task)
                 future: Future[R] = Future(task_id, state, name=label, queue=queue)
                 futures.append(future)
                 items.append((task_id, envelope, future))
             else:
                 payload, by_value = dump_calls(func, batch, **state.pickling)
-                envelope = state.seal_call(task_id, payload, by_value, label, options, "chunk")
+                envelope = state.seal_call(
+                    task_id, payload, by_value, label, options, "chunk", task
+                )
                 members: list[Future[R]] = [
                     Future(task_id, state, name=label, queue=queue) for _ in batch
                 ]
@@ -730,10 +857,10 @@ class Celery:
                 items.append((task_id, envelope, chunk))
         if state.eager:
             for task_id, envelope, handler in items:
-                state.run_eager(handler, task_id, envelope)
+                state.run_eager(handler, task_id, envelope, task)
         elif items:
             state.ensure_started()
-            state.publish(items, label, options)
+            state.publish(items, label, options, task)
         return FuturePool(futures)
 
     def get(self, task_id: str) -> Future[t.Any]:

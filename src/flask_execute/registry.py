@@ -88,7 +88,10 @@ class TaskProxy:
 
     def __getattr__(self, name: str) -> t.Any:
         # delay, apply_async, s, si, signature, map, starmap, chunks, AsyncResult, ...
-        return getattr(self.task, name)
+        state = self._registry._extension._get_state()
+        if name in ("delay", "apply_async"):
+            state.ensure_started()  # like submit(): local workers start on first use
+        return getattr(state.controller.tasks[self._declaration.name], name)
 
     def __reduce__(self) -> tuple[t.Any, ...]:
         # by reference: a worker finds the same proxy by importing the module
@@ -98,7 +101,12 @@ class TaskProxy:
 def _import_attr(module: str, qualname: str) -> t.Any:
     import importlib
 
-    obj: t.Any = importlib.import_module(module)
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None) or ""
+    if module not in sys.modules and os.path.splitext(os.path.basename(path))[0] == module:
+        obj: t.Any = main  # the script itself, in the process that runs it
+    else:
+        obj = importlib.import_module(module)
     for part in qualname.split("."):
         obj = getattr(obj, part)
     return obj

@@ -192,8 +192,10 @@ class RedisWatcher(Watcher):
                 self._error = exc
                 if self._stopping.is_set():
                     break
-                if not self._subscribed.is_set() and not self._pending_ids():
-                    return  # nobody waits: the next watch() starts a new attempt
+                if not self._pending_ids():
+                    # nobody waits: stop quietly; the next watch() starts a new thread
+                    self._subscribed.clear()
+                    return
                 (log.warning if backoff >= 1.0 else log.debug)(
                     "flask-execute: result watcher lost the result backend (%r);"
                     " reconnecting in %.1f s",

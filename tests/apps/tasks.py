@@ -94,3 +94,39 @@ def task_facts():
 def sleep(seconds):
     time.sleep(seconds)
     return seconds
+
+
+def _count(path):
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    with open(path) as f:
+        return len(f.read().splitlines())
+
+
+def die_once(path):
+    """SIGKILL the worker process running it on the first delivery only."""
+    if _count(path) == 1:
+        os.kill(os.getpid(), 9)
+    return "survived"
+
+
+def die_always(path):
+    _count(path)
+    os.kill(os.getpid(), 9)
+
+
+def count_and_sleep(path, seconds):
+    _count(path)
+    time.sleep(seconds)
+    return seconds
+
+
+def incr(redis_url, key):
+    """A side effect counted in Redis (exactly-once checks)."""
+    import redis
+
+    client = getattr(incr, "_clients", {}).get(redis_url)
+    if client is None:
+        client = redis.Redis.from_url(redis_url)
+        incr.__dict__.setdefault("_clients", {})[redis_url] = client
+    return client.incr(key)

@@ -1,0 +1,259 @@
+"""Faults survived, load held, nothing lost: real processes, counted outcomes."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+import redis
+from flask import Flask
+
+from flask_execute import Celery
+from flask_execute import ConfigurationError
+from flask_execute import RemoteError
+from flask_execute.local import EmbeddedRedis
+from tests.apps import tasks
+from tests.conftest import free_port
+
+
+def make_app(broker_url, log_dir, name="rel", **config):
+    app = Flask(f"reliability_{name}")
+    app.config.update(
+        SECRET_KEY="rel", CELERY_BROKER_URL=broker_url, CELERY_LOG_DIR=log_dir,
+        CELERY_WORKERS={name: {"concurrency": 2}}, CELERY_FLOWER=False,
+    )  # fmt: skip
+    app.config.update(config)
+    return app, Celery(app)
+
+
+def lines(path):
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_pool_child_killed_default_is_reported_not_rerun(direct_app, tmp_path):
+    from tests.apps import direct
+
+    counter = tmp_path / "runs"
+    with direct_app.app_context():
+        future = direct.celery.submit(tasks.die_always, str(counter))
+        with pytest.raises(Exception) as info:
+            future.result(timeout=20)
+        assert type(info.value).__name__ == "WorkerLostError"
+        assert direct.celery.submit(tasks.add, 1, 2).result(timeout=10) == 3
+    time.sleep(0.5)
+    assert len(lines(counter)) == 1  # at most once: not run again
+
+
+def test_pool_child_killed_at_least_once_reruns(direct_app, tmp_path):
+    from tests.apps import direct
+
+    counter = tmp_path / "runs"
+    with direct_app.app_context():
+        future = direct.celery.submit(tasks.die_once, str(counter), acks_late=True)
+        assert future.result(timeout=30) == "survived"
+    assert len(lines(counter)) == 2  # killed once, run again once
+
+
+def test_poison_message_gives_up_after_the_cap(direct_app, tmp_path):
+    from tests.apps import direct
+
+    counter = tmp_path / "runs"
+    with direct_app.app_context():
+        future = direct.celery.submit(tasks.die_always, str(counter), acks_late=True)
+        with pytest.raises(RemoteError, match="delivered 3 times") as info:
+            future.result(timeout=60)
+        assert info.value.type_name == "flask_execute.PoisonMessage"
+        assert direct.celery.submit(tasks.add, 1, 2).result(timeout=10) == 3
+    time.sleep(0.5)
+    assert len(lines(counter)) == 3
+
+
+def test_hard_time_limit_fails_clearly_once(direct_app, tmp_path):
+    from tests.apps import direct
+
+    counter = tmp_path / "runs"
+    with direct_app.app_context():
+        future = direct.celery.submit(tasks.count_and_sleep, str(counter), 5, time_limit=1)
+        with pytest.raises(Exception) as info:
+            future.result(timeout=20)
+        assert type(info.value).__name__ == "TimeLimitExceeded"
+    time.sleep(0.5)
+    assert len(lines(counter)) == 1
+
+
+def test_at_least_once_refuses_what_would_run_twice(broker_url, log_dir):
+    app, celery = make_app(
+        broker_url, log_dir, CELERY_START_LOCAL_WORKERS=False,
+        CELERY_BROKER_TRANSPORT_OPTIONS={"visibility_timeout": 60},
+    )  # fmt: skip
+    with pytest.raises(ConfigurationError, match="would outlive the Redis visibility timeout"):
+        celery.submit(tasks.add, 1, 2, acks_late=True, countdown=120)
+    with pytest.raises(ConfigurationError, match="visibility timeout"):
+        celery.submit(tasks.add, 1, 2, acks_late=True, time_limit=90)
+    bad = Flask("bad_limits")
+    bad.config.update(
+        SECRET_KEY="x", CELERY_BROKER_URL=broker_url, CELERY_TASK_ACKS_LATE=True,
+        CELERY_TASK_TIME_LIMIT=7200,
+    )  # fmt: skip
+    with pytest.raises(ConfigurationError, match="'CELERY_TASK_TIME_LIMIT' \\(7200 s\\)"):
+        Celery(bad)
+
+
+def test_sigterm_lets_the_running_task_finish(broker_url, log_dir, tmp_path):
+    app, celery = make_app(broker_url, log_dir, name="warm")
+    counter = tmp_path / "runs"
+    try:
+        future = celery.submit(tasks.count_and_sleep, str(counter), 1.5)
+        deadline = time.monotonic() + 15
+        while not future.running():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        celery.stop(timeout=10)  # warm: TERM, the task finishes
+    assert future.result(timeout=5) == 1.5
+    assert len(lines(counter)) == 1
+
+
+@pytest.fixture
+def private_redis(tmp_path):
+    server = EmbeddedRedis(str(tmp_path / "redis"), port=free_port(), appendonly=True)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _restart(server):
+    server.stop()
+    server.start()
+
+
+def test_worker_consumes_again_after_redis_restart(private_redis, log_dir):
+    app, celery = make_app(private_redis.url + "/0", log_dir, name="reconnect")
+    try:
+        assert celery.submit(tasks.add, 1, 2).result(timeout=20) == 3
+        _restart(private_redis)
+        future = None
+        deadline = time.monotonic() + 30
+        while future is None:  # submit fails fast while the broker is coming back
+            try:
+                future = celery.submit(tasks.add, 2, 2)
+            except Exception:
+                assert time.monotonic() < deadline
+                time.sleep(0.5)
+        assert future.result(timeout=30) == 4
+    finally:
+        celery.stop()
+
+
+def test_queued_tasks_survive_a_redis_restart_and_run_once(private_redis, log_dir, tmp_path):
+    url = private_redis.url + "/0"
+    app, celery = make_app(url, log_dir, name="durable", CELERY_START_LOCAL_WORKERS=False)
+    counter_url = private_redis.url + "/1"
+    futures = [celery.submit(tasks.incr, counter_url, f"run:{i}") for i in range(300)]
+    _restart(private_redis)  # appendonly: the queue survives
+    try:
+        celery.start()  # the worker starts only now
+        results = [f.result(timeout=60) for f in futures]
+    finally:
+        celery.stop()
+    assert results == [1] * 300
+    client = redis.Redis.from_url(counter_url)
+    assert sorted(int(v) for v in client.mget([f"run:{i}" for i in range(300)])) == [1] * 300
+
+
+@pytest.mark.slow
+def test_worker_killed_midway_through_a_map(broker_url, log_dir, tmp_path):
+    import signal
+
+    app, celery = make_app(
+        broker_url, log_dir, name="midway",
+        CELERY_BROKER_TRANSPORT_OPTIONS={"visibility_timeout": 4},
+    )  # fmt: skip
+    try:
+        pool = celery.map(tasks.count_and_sleep, *[(str(tmp_path / "c"), 0.02)] * 300,
+                          acks_late=True)  # fmt: skip
+        deadline = time.monotonic() + 20
+        while sum(f.done() for f in pool) < 50:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        (child,) = app.extensions["celery"].services.children
+        os.kill(child.pid, signal.SIGKILL)  # the worker main process, mid-map
+        child.process.wait(10)
+        celery.stop()
+        celery.start()  # a new worker; unacknowledged messages come back
+        assert pool.result(timeout=60) == [0.02] * 300
+    finally:
+        celery.stop()
+
+
+@pytest.mark.slow
+def test_load_every_side_effect_exactly_once(direct_app, redis_url):
+    from tests.apps import direct
+
+    counter_url = redis_url + "/0"
+    client = redis.Redis.from_url(counter_url)
+    prefix = f"load:{os.getpid()}:{time.monotonic_ns()}"
+    per_thread, threads_n = 1000, 8
+    errors = []
+
+    def submitter(n):
+        try:
+            with direct_app.app_context():
+                futures = [
+                    direct.celery.submit(tasks.incr, counter_url, f"{prefix}:t{n}:{i}")
+                    for i in range(per_thread)
+                ]
+                assert [f.result(timeout=120) for f in futures] == [1] * per_thread
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=submitter, args=(n,)) for n in range(threads_n)]
+    for thread in threads:
+        thread.start()
+    with direct_app.app_context():
+        maps = [
+            direct.celery.map(
+                tasks.incr, *[(counter_url, f"{prefix}:m{m}:{i}") for i in range(6000)],
+                chunksize=100,
+            )
+            for m in range(2)
+        ]  # fmt: skip
+        for pool in maps:
+            assert pool.result(timeout=180) == [1] * 6000
+    for thread in threads:
+        thread.join(240)
+    assert not errors
+    keys = list(client.scan_iter(f"{prefix}:*", count=5000))
+    assert len(keys) == per_thread * threads_n + 12000
+    values = client.mget(keys)
+    assert {int(v) for v in values} == {1}
+
+
+@pytest.mark.slow
+def test_memory_flat_after_many_completed_futures(direct_app):
+    from tests.apps import direct
+
+    def rss_kb():
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        return 0
+
+    state = direct_app.extensions["celery"]
+    with direct_app.app_context():
+
+        def batch():
+            pool = direct.celery.map(tasks.add, *[(i, i) for i in range(50000)], chunksize=500)
+            assert pool.result(timeout=300)[-1] == 99998
+
+        batch()
+        first = rss_kb()
+        batch()
+        second = rss_kb()
+    assert len(state.watcher) == 0  # nothing pending, nothing held
+    assert second - first < 20_000, (first, second)  # KB; a leak of 50k futures is far more
