@@ -120,6 +120,12 @@ def _alive(pid: int) -> bool:
 _session_groups: set[int] = set()
 
 
+def keep_alive(app: object) -> None:
+    """Let the local services of ``app`` outlive the current test (module fixtures)."""
+    state = app.extensions["celery"]  # type: ignore[attr-defined]
+    _session_groups.update(child.pid for child in state.services.children)
+
+
 def _pgid(pid: int) -> int | None:
     try:
         return os.getpgid(pid)
