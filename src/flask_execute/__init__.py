@@ -17,16 +17,19 @@ from .errors import SerializationError
 from .errors import ServiceStartError
 from .errors import SignatureError
 from .errors import TaskTimeoutError
+from .executor import CeleryExecutor
 from .futures import Future
 from .futures import FuturePool
 from .plugin import Celery
 from .plugin import RemoteTraceback
 from .plugin import RESERVED_OPTIONS
+from .progress import progress
 
 __all__ = [
     "RESERVED_OPTIONS",
     "BrokerUnavailable",
     "Celery",
+    "CeleryExecutor",
     "ConfigurationError",
     "ExecuteError",
     "Future",
@@ -38,6 +41,7 @@ __all__ = [
     "SignatureError",
     "TaskTimeoutError",
     "current_task",
+    "progress",
 ]
 
 

@@ -261,13 +261,22 @@ class FuturePool(t.Generic[T]):
     def __getitem__(self, index: int | slice) -> Future[T] | list[Future[T]]:
         return self.futures[index]
 
-    def result(self, timeout: float | None = None) -> list[T]:
+    def result(self, timeout: float | None = None, *, progress: bool = False) -> list[T]:
         """All results in submission order; raises the first failure met (in order).
+
+        ``progress=True`` shows a progress bar (tqdm when installed) while waiting.
 
         :raises TaskTimeoutError: when not everything finished within ``timeout``
             seconds in total.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
+        if progress:
+            from .progress import progress as show
+
+            try:
+                show(self.futures, timeout)
+            except concurrent.futures.TimeoutError:
+                pass  # the loop below raises the precise error
         return [f.result(_remaining(deadline)) for f in self.futures]
 
     def exception(self, timeout: float | None = None) -> BaseException | None:

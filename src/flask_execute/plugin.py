@@ -44,6 +44,7 @@ from .errors import BrokerUnavailable
 from .errors import ConfigurationError
 from .errors import RemoteError
 from .errors import SignatureError
+from .executor import CeleryExecutor
 from .futures import _Chunk
 from .futures import Future
 from .futures import FuturePool
@@ -877,6 +878,11 @@ class Celery:
         future: Future[t.Any] = Future(task_id, state)
         state.watcher_or_error().watch(task_id, future, catch_up=True)
         return future
+
+    def executor(self, **options: t.Any) -> CeleryExecutor:
+        """A :class:`concurrent.futures.Executor` on this app's workers (stdlib
+        semantics; ``options`` are Celery options for every call, e.g. ``queue=``)."""
+        return CeleryExecutor(self, **options)
 
     # --- local services and operations -----------------------------------------------
     def start(self) -> None:

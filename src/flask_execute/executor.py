@@ -1,0 +1,121 @@
+"""``celery.executor()``: a :class:`concurrent.futures.Executor` running on Celery.
+
+Code written for ``ProcessPoolExecutor`` runs on Celery workers by changing the line
+that creates the executor. The semantics are the stdlib's exactly: ``submit(fn, *args,
+**kwargs)`` passes every keyword to ``fn`` (Celery options are given once, to
+``celery.executor(queue=...)``); ``map(fn, *iterables, timeout=None, chunksize=1)``
+zips its iterables, submits everything at once and yields results lazily, in order,
+under one overall ``timeout``; ``shutdown(wait=True, cancel_futures=False)``; a
+``with`` block shuts down on exit.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import time
+import typing as t
+from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Iterator
+
+from .futures import Future
+
+if t.TYPE_CHECKING:
+    from .plugin import Celery
+
+__all__ = ["CeleryExecutor"]
+
+P = t.ParamSpec("P")
+R = t.TypeVar("R")
+
+
+class CeleryExecutor(concurrent.futures.Executor):
+    """An executor whose workers are Celery workers of one Flask app."""
+
+    def __init__(self, extension: Celery, **options: t.Any) -> None:
+        self._extension = extension
+        self._state = extension._get_state()  # bound to the app current at creation
+        self._options = options
+        self._lock = threading.Lock()
+        self._shutdown = False
+        self._pending: set[Future[t.Any]] = set()
+
+    def _track(self, future: Future[t.Any]) -> None:
+        with self._lock:
+            self._pending.add(future)
+        future.add_done_callback(self._untrack)
+
+    def _untrack(self, future: concurrent.futures.Future[t.Any]) -> None:
+        with self._lock:
+            self._pending.discard(t.cast(Future[t.Any], future))
+
+    def _check_open(self) -> None:
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+
+    def submit(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Future[R]:
+        """Schedule ``fn(*args, **kwargs)``; every keyword goes to ``fn``.
+
+        :raises RuntimeError: after :meth:`shutdown`.
+        """
+        with self._lock:
+            self._check_open()
+        with self._state.app.app_context():
+            future = self._extension.apply(fn, args, kwargs, **self._options)
+        self._track(future)
+        return future
+
+    def map(
+        self,
+        fn: Callable[..., R],
+        *iterables: Iterable[t.Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+    ) -> Iterator[R]:
+        """``map(fn, *iterables)`` like the stdlib's: ``fn(a[0], b[0])``,
+        ``fn(a[1], b[1])``, ... (stops at the shortest iterable). Everything is submitted
+        now; the returned iterator yields results in order and raises
+        ``TimeoutError`` if a result is not ready ``timeout`` seconds after this call.
+        ``chunksize`` sends that many calls per message.
+        """
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            self._check_open()
+        calls = list(zip(*iterables, strict=False))
+        with self._state.app.app_context():
+            pool = self._extension.map(
+                fn, *calls, chunksize=chunksize if chunksize > 1 else None, **self._options
+            )
+        for future in pool:
+            self._track(future)
+        futures = list(pool)
+
+        def results() -> Iterator[R]:
+            try:
+                futures.reverse()  # pop from the end, as the stdlib does
+                while futures:
+                    future = futures.pop()
+                    if deadline is None:
+                        yield future.result()
+                    else:
+                        yield future.result(max(0.0, deadline - time.monotonic()))
+            finally:
+                for future in futures:
+                    future.cancel()
+
+        return results()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Refuse new work; with ``cancel_futures`` cancel what has not started; with
+        ``wait`` block until every submitted future is done."""
+        with self._lock:
+            self._shutdown = True
+            pending = list(self._pending)
+        if cancel_futures:
+            for future in pending:
+                future.cancel()
+        if wait:
+            concurrent.futures.wait(pending)

