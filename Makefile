@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed-$(EXTRA)
 LINT_PATHS := src tests examples $(wildcard bench)
 
 .DEFAULT_GOAL := test
-.PHONY: venv demo test lint format bench clean
+.PHONY: venv demo serve test lint format bench docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
+# the progress page of examples/progress on http://127.0.0.1:5000 (Ctrl+C stops it)
+serve: $(STAMP)
+	$(BIN)/python examples/progress/app.py
+
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
@@ -33,6 +37,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check $(LINT_PATHS)
 	$(BIN)/ruff format --check $(LINT_PATHS)
 	$(BIN)/mypy
+	$(BIN)/mypy --strict tests/typing
 
 format: $(STAMP)
 	$(BIN)/ruff format $(LINT_PATHS)
@@ -41,9 +46,12 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench
 
+docs: $(STAMP)
+	$(BIN)/sphinx-build -W --keep-going -b html docs docs/_build/html
+
 clean:
 	rm -rf $(VENV) build dist *.egg-info src/*.egg-info
 	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis .coverage htmlcov
-	rm -rf examples/instance
+	rm -rf examples/instance docs/_build
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 	if [ -d examples ]; then find examples -name '*.log' -type f -delete; fi

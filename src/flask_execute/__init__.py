@@ -13,6 +13,7 @@ from .errors import BrokerUnavailable
 from .errors import ConfigurationError
 from .errors import ExecuteError
 from .errors import RemoteError
+from .errors import RemoteTraceback
 from .errors import SerializationError
 from .errors import ServiceStartError
 from .errors import SignatureError
@@ -21,7 +22,6 @@ from .executor import CeleryExecutor
 from .futures import Future
 from .futures import FuturePool
 from .plugin import Celery
-from .plugin import RemoteTraceback
 from .plugin import RESERVED_OPTIONS
 from .progress import progress
 

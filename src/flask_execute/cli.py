@@ -24,7 +24,7 @@ from flask.cli import with_appcontext
 from .config import worker_argv
 
 if t.TYPE_CHECKING:
-    from .plugin import _State
+    from .state import _State
 
 __all__ = ["celery_cli"]
 

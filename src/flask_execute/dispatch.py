@@ -31,7 +31,7 @@ from .serialization import format_exception
 if t.TYPE_CHECKING:
     from celery import Task
 
-    from .plugin import _State
+    from .state import _State
 
 __all__ = ["DISPATCH", "execute", "make_carrier", "security_log"]
 

@@ -16,6 +16,7 @@ __all__ = [
     "ConfigurationError",
     "ExecuteError",
     "RemoteError",
+    "RemoteTraceback",
     "SerializationError",
     "ServiceStartError",
     "SignatureError",
@@ -84,3 +85,15 @@ class RemoteError(ExecuteError):
 
     def __reduce__(self) -> tuple[type[RemoteError], tuple[str, str, str]]:
         return (type(self), (self.type_name, self.remote_message, self.remote_traceback))
+
+
+class RemoteTraceback(Exception):
+    """The worker-side traceback, attached as ``__cause__`` of a task's exception
+    (as :class:`concurrent.futures.ProcessPoolExecutor` does)."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.tb}"""'

@@ -86,8 +86,8 @@ class CeleryExecutor(concurrent.futures.Executor):
             self._check_open()
         calls = list(zip(*iterables, strict=False))
         with self._state.app.app_context():
-            pool = self._extension.map(
-                fn, *calls, chunksize=chunksize if chunksize > 1 else None, **self._options
+            pool = self._extension.map_apply(
+                fn, calls, chunksize=chunksize if chunksize > 1 else None, **self._options
             )
         for future in pool:
             self._track(future)

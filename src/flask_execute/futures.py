@@ -23,7 +23,7 @@ from .context import _cv_task
 from .errors import TaskTimeoutError
 
 if t.TYPE_CHECKING:
-    from .plugin import _State
+    from .state import _State
 
 __all__ = ["Future", "FuturePool"]
 

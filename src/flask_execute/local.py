@@ -45,7 +45,7 @@ from .config import worker_argv
 from .errors import ServiceStartError
 
 if t.TYPE_CHECKING:
-    from .plugin import _State
+    from .state import _State
 
 __all__ = ["EmbeddedRedis", "LocalServices", "log_tail", "runtime_dir"]
 
@@ -442,7 +442,11 @@ class LocalServices:
             self._running = True
 
     def _acquire_lock(self) -> bool:
-        path = os.path.join(self._state.runtime_dir, "services.lock")
+        # one set per broker and node names: the same app on another broker (a test's
+        # private Redis) is a different set
+        identity = "|".join([self._state.broker_url, *sorted(self.expected_nodes())])
+        digest = hashlib.sha256(identity.encode()).hexdigest()[:12]
+        path = os.path.join(self._state.runtime_dir, f"services-{digest}.lock")
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

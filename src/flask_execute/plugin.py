@@ -7,13 +7,7 @@ watcher and local services live in ``app.extensions["celery"]`` (a :class:`_Stat
 
 from __future__ import annotations
 
-import datetime
 import logging
-import os
-import pickle
-import secrets
-import sys
-import threading
 import time
 import typing as t
 import uuid
@@ -23,7 +17,6 @@ from collections.abc import Iterable
 from collections.abc import Mapping
 
 import celery as celery_module
-import cloudpickle
 from celery import Task
 from flask import current_app
 from flask import Flask
@@ -31,44 +24,24 @@ from flask import has_app_context
 from kombu.exceptions import OperationalError
 from werkzeug.local import LocalProxy
 
-from . import config as config_module
-from ._boot import locate
-from .context import _eager_listeners
-from .context import make_task_class
 from .control import Control
 from .control import Inspect
-from .dispatch import DISPATCH
-from .dispatch import DISPATCH_LATE
-from .dispatch import execute
 from .errors import BrokerUnavailable
-from .errors import ConfigurationError
-from .errors import RemoteError
-from .errors import SignatureError
 from .executor import CeleryExecutor
 from .futures import _Chunk
 from .futures import Future
 from .futures import FuturePool
-from .futures import READY
-from .local import CHILD_ENV
-from .local import EmbeddedRedis
-from .local import LocalServices
-from .local import redis_answers
-from .local import runtime_dir
-from .local import write_private
 from .registry import apply_schedule
 from .registry import register
 from .registry import ScheduleRegistry
 from .registry import TaskRegistry
-from .serialization import Codec
-from .serialization import derive_key
 from .serialization import dump_call
 from .serialization import dump_calls
 from .serialization import function_label
-from .watcher import make_watcher
-from .watcher import Watcher
+from .state import _safe_url
+from .state import _State
 
 __all__ = ["RESERVED_OPTIONS", "Celery"]
-
 log = logging.getLogger(__name__)
 P = t.ParamSpec("P")
 R = t.TypeVar("R")
@@ -83,607 +56,6 @@ RESERVED_OPTIONS = frozenset(
     }
 )  # fmt: skip
 _REFUSED_OPTIONS = frozenset({"serializer", "args", "kwargs", "shadow", "argsrepr", "kwargsrepr"})
-
-
-class RemoteTraceback(Exception):
-    """The worker-side traceback, attached as ``__cause__`` of a task's exception
-    (as :class:`concurrent.futures.ProcessPoolExecutor` does)."""
-
-    def __init__(self, tb: str) -> None:
-        super().__init__(tb)
-        self.tb = tb
-
-    def __str__(self) -> str:
-        return f'\n"""\n{self.tb}"""'
-
-
-class _State:
-    """Everything flask-execute keeps for one app (``app.extensions["celery"]``)."""
-
-    def __init__(self, ext: Celery, app: Flask) -> None:
-        self.extension = ext
-        self.app = app
-        self.settings = config_module.load(app.config)
-        celery_settings = config_module.celery_settings(app.config)
-        self.is_child = bool(os.environ.get(CHILD_ENV))
-        self.eager = self.settings.always_eager
-        self.runtime_dir = runtime_dir(f"{app.instance_path}|{app.import_name}")
-        self.embedded_broker: EmbeddedRedis | None = None
-        self.broker_url, self.backend_url = self._urls()
-        self.codec = Codec(
-            *_signing_keys(app, self.settings, self.runtime_dir),
-            max_size=self.settings.max_message_size,
-        )
-        self.locator = locate(app)
-        self.pickling: dict[str, t.Any] = {
-            "models": "requery" if self.settings.sanitize_arguments else "refuse",
-            "by_value": self.settings.pickle_by_value,
-        }
-        self.task_class = make_task_class(app, ext.base_task)
-        self.base_queue: str | None = getattr(ext.base_task, "queue", None)
-        self.controller = celery_module.Celery(
-            app.import_name, task_cls=self.task_class, set_as_current=False
-        )
-        timeout = self.settings.broker_timeout
-        retry = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}
-        conf: dict[str, object] = {
-            "broker_url": self.broker_url,
-            "result_backend": self.backend_url,
-            "task_track_started": True,
-            "broker_connection_retry_on_startup": True,
-            "broker_connection_timeout": timeout,
-            "broker_connection_max_retries": 2,
-            # kombu scans for unacknowledged messages to redeliver only every 100 s by
-            # default; every 10 s makes at-least-once recovery prompt
-            "broker_transport_options": {
-                "socket_connect_timeout": timeout,
-                "unacked_restore_interval": 10,
-                "unacked_restore_throttle": 1,
-                **retry,
-            },
-            "task_publish_retry_policy": retry,
-            "redis_socket_connect_timeout": timeout,
-            "worker_hijack_root_logger": True,
-        }
-        user_transport = celery_settings.pop("broker_transport_options", None) or {}
-        conf["broker_transport_options"] = {
-            **t.cast(dict[str, t.Any], conf["broker_transport_options"]),
-            **t.cast(dict[str, t.Any], user_transport),
-        }
-        conf.update(celery_settings)
-        # eager mode is ours (CELERY_ALWAYS_EAGER); registered tasks' delay() follows it
-        conf["task_always_eager"] = self.eager
-        # the URLs decided above win over a CELERY={"broker_url": ...} the user also set
-        conf.update(broker_url=self.broker_url, result_backend=self.backend_url)
-        self.controller.conf.update(conf)
-        self.controller.flask_app = app
-        self.controller.flask_execute = self
-        state = self
-
-        # track_started off: execute() reports STARTED itself, after the envelope checked
-        # out, so nothing is ever written under an unauthenticated task id.
-        @self.controller.task(  # type: ignore[untyped-decorator]
-            name=DISPATCH,
-            bind=True,
-            shared=False,
-            typing=False,
-            track_started=False,
-            acks_late=False,
-        )
-        def dispatch(task: Task, envelope: str) -> t.Any:
-            return execute(task, state, envelope)
-
-        @self.controller.task(  # type: ignore[untyped-decorator]
-            name=DISPATCH_LATE,
-            bind=True,
-            shared=False,
-            typing=False,
-            track_started=False,
-            acks_late=True,
-            reject_on_worker_lost=True,
-        )
-        def dispatch_acks_late(task: Task, envelope: str) -> t.Any:
-            return execute(task, state, envelope)
-
-        self.dispatch = dispatch
-        self.dispatch_late = dispatch_acks_late
-        self.visibility_timeout = _visibility_timeout(self.controller, self.broker_url)
-        _check_time_limit(self.controller, self.visibility_timeout)
-        self._watcher: Watcher | None = None
-        self._watcher_lock = threading.Lock()
-        self.services = LocalServices(self)
-        self._started = False
-        self._start_lock = threading.Lock()
-        # eager mode has no result store: get() finds futures still referenced here
-        self.eager_futures: weakref.WeakValueDictionary[str, Future[t.Any]] = (
-            weakref.WeakValueDictionary()
-        )
-
-    def __repr__(self) -> str:
-        return f"<flask-execute state of {self.app.import_name!r} broker={self.broker_url!r}>"
-
-    # --- configuration -------------------------------------------------------------
-    def _urls(self) -> tuple[str, str]:
-        s = self.settings
-        broker = s.broker_url
-        if broker is None:
-            local = s.start_local_workers and not self.eager and s.embedded_broker
-            if local and not self.is_child and not redis_answers():
-                self.embedded_broker = EmbeddedRedis(
-                    os.path.join(self.runtime_dir, "redis"),
-                    unix_socket=os.path.join(self.runtime_dir, "redis.sock"),
-                    log_path=os.path.join(s.log_dir or os.getcwd(), "redis.log"),
-                )
-                broker = self.embedded_broker.url
-            else:
-                broker = config_module.DEFAULT_BROKER_URL
-        backend = s.result_backend
-        if backend is None:
-            backend = broker if broker.startswith(("redis", "rediss")) else "rpc://"
-        return broker, backend
-
-    @property
-    def watcher(self) -> Watcher:
-        if self._watcher is None:
-            with self._watcher_lock:
-                if self._watcher is None:
-                    self._watcher = make_watcher(
-                        self.controller.backend, self.settings.broker_timeout
-                    )
-        return self._watcher
-
-    def write_bootfile(self) -> str:
-        """Write what a local worker needs to rebuild this app (private file)."""
-        snapshot: dict[str, object] = {}
-        for key, value in self.app.config.items():
-            try:
-                cloudpickle.dumps(value)
-            except Exception:
-                log.debug("flask-execute: config key %s is not picklable; not pinned", key)
-                continue
-            snapshot[key] = value
-        snapshot["CELERY_BROKER_URL"] = self.broker_url
-        snapshot["CELERY_RESULT_BACKEND"] = self.backend_url
-        snapshot["CELERY_SIGNING_KEY"] = self.codec_keys[0]
-        snapshot["CELERY_SIGNING_KEY_FALLBACKS"] = self.codec_keys[1]
-        path = os.path.join(self.runtime_dir, f"boot-{os.getpid()}.pickle")
-        write_private(
-            path,
-            {
-                "locator": self.locator,
-                "config": snapshot,
-                "sys_path": [p or os.getcwd() for p in sys.path],
-                "import_name": self.app.import_name,
-                "root_path": self.app.root_path,
-                "instance_path": self.app.instance_path,
-                "base_task": self.extension.base_task,
-            },
-        )
-        return path
-
-    @property
-    def codec_keys(self) -> tuple[bytes, list[bytes]]:
-        return _signing_keys(self.app, self.settings, self.runtime_dir)
-
-    # --- local services -------------------------------------------------------------
-    def worker_options(self, name: str, local: bool = True) -> dict[str, object]:
-        """The `celery worker` options of one configured worker, with our defaults."""
-        options = dict(self.settings.workers[name])
-        if local:
-            # mingle only syncs revokes between workers at boot (we keep cancels in the
-            # result backend); skipping it saves a second of start-up
-            options = {"without_mingle": True, **options}
-        if "queues" not in options and self.base_queue:
-            # a base_task with `queue = ...` routes every task there: consume it too
-            default = self.controller.conf.task_default_queue
-            options["queues"] = list(dict.fromkeys([default, self.base_queue]))
-        return options
-
-    def ensure_started(self) -> None:
-        """Start local services on first use, once, unless disabled."""
-        if self._started:
-            return
-        with self._start_lock:
-            if self._started:
-                return
-            if self.settings.start_local_workers and not self.eager and not self.is_child:
-                self.services.start()
-            self._started = True
-
-    def stop(self, timeout: float = 10.0) -> None:
-        with self._start_lock:
-            self.services.stop(timeout)
-            self._started = False
-
-    # --- publishing ------------------------------------------------------------------
-    def seal_call(
-        self,
-        task_id: str,
-        payload: bytes,
-        by_value: bool,
-        label: str,
-        options: Mapping[str, t.Any],
-        kind: str = "call",
-        task: Task | None = None,
-    ) -> str:
-        extra: dict[str, object] = {"fn": label, "task": (task or self.dispatch).name}
-        if kind != "call":
-            extra["k"] = kind
-        return self.codec.seal(
-            "call",
-            task_id,
-            payload,
-            by_value=by_value,
-            not_before=_not_before(options),
-            extra=extra,
-        )
-
-    def publish(
-        self,
-        items: list[tuple[str, str, Future[t.Any] | _Chunk]],
-        label: str,
-        options: dict[str, t.Any],
-        task: Task | None = None,
-    ) -> None:
-        """Publish envelopes (one producer connection for all of them)."""
-        task = task or self.dispatch
-        watcher = self.watcher_or_error()
-        for task_id, _, handler in items:
-            watcher.watch(task_id, handler)
-        try:
-            with self.controller.producer_or_acquire() as producer:
-                for task_id, envelope, _ in items:
-                    task.apply_async(
-                        (envelope,),
-                        task_id=task_id,
-                        shadow=label,
-                        argsrepr=f"<{label}>",
-                        kwargsrepr="{}",
-                        producer=producer,
-                        **options,
-                    )
-        except (OperationalError, OSError) as exc:
-            for task_id, _, _ in items:
-                watcher.forget(task_id)
-            raise BrokerUnavailable(
-                f"Cannot reach the Celery broker at {_safe_url(self.broker_url)}: {exc}."
-                " Is it running? (CELERY_BROKER_URL)"
-            ) from exc
-
-    def watcher_or_error(self) -> Watcher:
-        try:
-            watcher = self.watcher
-            watcher._ensure_running()
-            return watcher
-        except (ConnectionError, OSError) as exc:
-            raise BrokerUnavailable(
-                f"Cannot reach the result backend at {_safe_url(self.backend_url)}: {exc}."
-                " Is it running? (CELERY_RESULT_BACKEND)"
-            ) from exc
-
-    def dispatch_for(self, options: dict[str, t.Any]) -> Task:
-        """Pick the dispatch task for these options (``acks_late`` is popped) and refuse
-        what would run an at-least-once task twice by design.
-
-        :raises ConfigurationError: a countdown, ETA or time limit reaches the Redis
-            visibility timeout.
-        """
-        late = options.pop("acks_late", None)
-        if late is None:
-            late = bool(self.controller.conf.task_acks_late)
-        if not late:
-            return self.dispatch
-        limit = self.visibility_timeout
-        if limit is not None:
-            wait = _not_before(options)
-            ahead = (wait - time.time()) if wait else 0.0
-            run = options.get("time_limit") or self.controller.conf.task_time_limit or 0
-            if ahead + run >= limit:
-                raise ConfigurationError(
-                    f"An at-least-once task starting in {ahead:.0f} s with a time limit of"
-                    f" {run} s would outlive the Redis visibility timeout ({limit} s): Redis"
-                    " would deliver it again while it waits or runs, and it would run twice."
-                    " Raise CELERY_BROKER_TRANSPORT_OPTIONS['visibility_timeout'] or shorten"
-                    " the countdown/ETA/time limit."
-                )
-        return self.dispatch_late
-
-    def run_eager(
-        self,
-        handler: Future[t.Any] | _Chunk,
-        task_id: str,
-        envelope: str,
-        task: Task | None = None,
-    ) -> None:
-        members = handler.members if isinstance(handler, _Chunk) else [handler]
-        if isinstance(handler, Future):
-            self.eager_futures[task_id] = handler
-
-        def listener(state: str, meta: object) -> None:
-            for member in members:
-                member._on_state(state, meta)
-
-        token = _eager_listeners.set(listener)
-        try:
-            for member in members:
-                member._on_state("STARTED")
-            result = (task or self.dispatch).apply((envelope,), task_id=task_id, throw=False)
-        finally:
-            _eager_listeners.reset(token)
-        if result.state == "SUCCESS":
-            meta = {"status": "SUCCESS", "result": result.result}
-        else:
-            exc = result.result
-            args = list(getattr(exc, "args", ()))
-            meta = {
-                "status": "FAILURE",
-                "result": {
-                    "exc_message": args,
-                    "exc_type": type(exc).__qualname__,
-                    "exc_module": type(exc).__module__,
-                },
-                "traceback": result.traceback,
-            }
-            if not getattr(exc, "flask_execute_carrier", False):
-                self._finish_all(members, "FAILURE", exc=_with_traceback(exc, result.traceback))
-                return
-        handler._on_meta(meta)
-
-    # --- outcomes (called by the watcher) ---------------------------------------------
-    def apply_meta(self, future: Future[t.Any], meta: dict[str, t.Any]) -> None:
-        status = meta.get("status")
-        if status not in READY:
-            future._on_state(str(status), meta.get("result"))
-        elif status == "SUCCESS":
-            try:
-                future._finish("SUCCESS", self.open_result(future.id, meta.get("result")))
-            except Exception as exc:
-                future._finish("FAILURE", exc=exc)
-        elif status == "FAILURE":
-            future._finish("FAILURE", exc=self.decode_failure(future.id, meta))
-        else:
-            future._finish("REVOKED")
-
-    def apply_chunk_meta(self, chunk: _Chunk, meta: dict[str, t.Any]) -> None:
-        status = meta.get("status")
-        members = chunk.members
-        if status not in READY:
-            for member in members:
-                member._on_state(str(status), meta.get("result"))
-        elif status == "SUCCESS":
-            try:
-                outcomes = self.open_result(chunk.task_id, meta.get("result"))
-            except Exception as error:
-                self._finish_all(members, "FAILURE", exc=error)
-                return
-            for member, (ok, value) in zip(members, outcomes, strict=True):
-                if ok:
-                    member._finish("SUCCESS", value)
-                else:
-                    member_exc, tb_text = value
-                    member._finish("FAILURE", exc=_with_traceback(member_exc, tb_text))
-        elif status == "FAILURE":
-            self._finish_all(members, "FAILURE", exc=self.decode_failure(chunk.task_id, meta))
-        else:
-            self._finish_all(members, "REVOKED")
-
-    @staticmethod
-    def _finish_all(
-        members: list[Future[t.Any]], state: str, exc: BaseException | None = None
-    ) -> None:
-        for member in members:
-            member._finish(state, exc=exc)
-
-    def open_result(self, task_id: str, envelope: object) -> t.Any:
-        """Verify and unpickle a result envelope.
-
-        :raises SignatureError: the result was not sealed by a worker holding our key
-            for this task id (nothing was unpickled).
-        """
-        _, payload = self.codec.open(envelope, "result", task_id)
-        return pickle.loads(payload)
-
-    def decode_failure(self, task_id: str, meta: Mapping[str, t.Any]) -> BaseException:
-        result = meta.get("result")
-        tb_text = meta.get("traceback") or ""
-        args: t.Any = ()
-        if isinstance(result, BaseException):
-            args = result.args
-        elif isinstance(result, Mapping):
-            args = result.get("exc_message") or ()
-        if isinstance(args, (list, tuple)):
-            for arg in args:
-                if isinstance(arg, Mapping) and "flask_execute" in arg:
-                    try:
-                        _, payload = self.codec.open(arg["flask_execute"], "error", task_id)
-                        exc, remote_tb = pickle.loads(payload)
-                    except SignatureError as err:
-                        return err
-                    return _with_traceback(exc, remote_tb or tb_text)
-        if isinstance(result, BaseException):
-            return _with_traceback(result, tb_text)
-        try:
-            exc = self.controller.backend.exception_to_python(result)
-        except Exception as err:  # Celery refuses to build non-exception classes
-            return RemoteError("unknown", f"unreadable task failure: {err}", tb_text)
-        return _with_traceback(exc, tb_text)
-
-    # --- cancellation ------------------------------------------------------------------
-    def _claim_key(self, task_id: str, attempt: int) -> str:
-        return f"flask-execute:claim:{task_id}:{attempt}"
-
-    def _redis(self) -> t.Any:
-        from celery.backends.redis import RedisBackend
-
-        backend = self.controller.backend
-        return backend.client if isinstance(backend, RedisBackend) else None
-
-    def claim(self, task_id: str, attempt: int, late: bool = False) -> str:
-        """Worker side, before running a call: ``run``, ``cancelled``, ``duplicate``
-        (this delivery already ran: a replay) or ``poison`` (at-least-once only: the
-        delivery cap is reached)."""
-        client = self._redis()
-        if client is None:
-            return "run"
-        key = self._claim_key(task_id, attempt)
-        ttl = int(self.codec.max_age) + 60
-        if client.set(key, "run", nx=True, ex=ttl):
-            if late:
-                client.set(f"flask-execute:deliveries:{task_id}", 1, ex=ttl)
-            return "run"
-        if client.get(key) == b"cancelled":
-            return "cancelled"
-        if not late:
-            return "duplicate"
-        # at-least-once: a redelivery after a lost worker runs again, unless the task
-        # already finished (then it is a replay) or kept killing its worker
-        meta = self.controller.backend.get_task_meta(task_id)
-        if meta.get("status") in READY:
-            return "duplicate"
-        deliveries = client.incr(f"flask-execute:deliveries:{task_id}")
-        return "poison" if deliveries > self.settings.max_deliveries else "run"
-
-    def cancel_task(self, future: Future[t.Any], terminate: bool) -> bool:
-        """Caller side of ``Future.cancel``: True when the task will never run (or, with
-        ``terminate``, has been stopped)."""
-        if self.eager:
-            return False
-        task_id = future.id
-        client = self._redis()
-        if client is not None:
-            key = self._claim_key(task_id, 0)
-            won = bool(client.set(key, "cancelled", nx=True, ex=int(self.codec.max_age) + 60))
-            if not won and not terminate:
-                return False
-        self.controller.control.revoke(task_id, terminate=terminate, signal="SIGTERM")
-        return True
-
-    def hold(self, future: Future[t.Any]) -> None:
-        if future._chunk is not None:
-            self.watcher.hold(future._chunk.task_id, future._chunk)
-        elif not self.eager:
-            self.watcher.hold(future.id, future)
-
-    def describe_wait(self, future: Future[t.Any]) -> str:
-        """Why a future is still pending, for its timeout error: which workers answer,
-        and whether any consumes its queue (asks them, for at most 0.3 s)."""
-        if future.state != "PENDING":
-            return ""
-        queue = future._queue or self.base_queue or self.controller.conf.task_default_queue
-        try:
-            replies = Inspect(self.controller).active_queues(timeout=0.3)
-        except Exception as exc:
-            return f" The broker could not be asked which workers run ({exc})."
-        seen = ", ".join(
-            f"{node} [{', '.join(q['name'] for q in queues)}]"
-            for node, queues in sorted(replies.items())
-        )
-        consumers = [
-            node for node, queues in replies.items() if any(q["name"] == queue for q in queues)
-        ]
-        if consumers:
-            return f" Workers consuming {queue!r}: {', '.join(sorted(consumers))} (busy?)."
-        hint = ""
-        if not self.settings.start_local_workers:
-            hint = (
-                " Local workers are off (CELERY_START_LOCAL_WORKERS=False): is a worker"
-                f" running for this app on broker {_safe_url(self.broker_url)}?"
-            )
-        return f" No worker consumes queue {queue!r} (workers seen: {seen or 'none'}).{hint}"
-
-    # --- operating ---------------------------------------------------------------------
-    def ping(self, timeout: float = 1.0, limit: int | None = None) -> dict[str, str]:
-        replies = self.controller.control.broadcast(
-            "ping", reply=True, timeout=timeout, limit=limit
-        )
-        out: dict[str, str] = {}
-        for reply in replies or ():
-            for name, answer in reply.items():
-                ok = isinstance(answer, Mapping) and answer.get("ok") == "pong"
-                out[name] = "OK" if ok else str(answer)
-        return out
-
-
-def _visibility_timeout(controller: t.Any, broker_url: str) -> float | None:
-    """Redis redelivers a message not acknowledged within this many seconds."""
-    if not broker_url.startswith(("redis", "rediss")):
-        return None
-    options = controller.conf.broker_transport_options or {}
-    return float(options.get("visibility_timeout", 3600))
-
-
-def _check_time_limit(controller: t.Any, visibility: float | None) -> None:
-    conf = controller.conf
-    limit = conf.task_time_limit
-    if visibility is not None and conf.task_acks_late and limit and limit >= visibility:
-        raise ConfigurationError(
-            f"'CELERY_TASK_TIME_LIMIT' ({limit} s) must be shorter than the Redis visibility"
-            f" timeout ({visibility:g} s, CELERY_BROKER_TRANSPORT_OPTIONS['visibility_timeout'])"
-            " when tasks are acknowledged late: a task still running when it expires is"
-            " delivered again and runs twice."
-        )
-
-
-def _with_traceback(exc: BaseException, tb_text: str | None) -> BaseException:
-    if tb_text and exc.__cause__ is None:
-        exc.__cause__ = RemoteTraceback(tb_text)
-    return exc
-
-
-def _not_before(options: Mapping[str, t.Any]) -> float | None:
-    eta = options.get("eta")
-    if isinstance(eta, datetime.datetime):
-        return eta.timestamp()
-    countdown = options.get("countdown")
-    if isinstance(countdown, (int, float)):
-        return datetime.datetime.now().timestamp() + countdown
-    return None
-
-
-def _safe_url(url: str) -> str:
-    from kombu.utils.url import maybe_sanitize_url
-
-    return str(maybe_sanitize_url(url))
-
-
-def _signing_keys(
-    app: Flask, settings: config_module.Settings, rundir: str
-) -> tuple[bytes, list[bytes]]:
-    """(signing key, verify-only keys). The newest key signs; all verify."""
-    if settings.signing_keys:
-        key, *older = settings.signing_keys
-        return key, [*older, *settings.signing_key_fallbacks]
-    secret = app.config.get("SECRET_KEY")
-    if secret:
-        fallbacks = app.config.get("SECRET_KEY_FALLBACKS") or []
-        raw = [s.encode() if isinstance(s, str) else s for s in [secret, *fallbacks]]
-        derived = [derive_key(s) for s in raw]
-        return derived[0], [*derived[1:], *settings.signing_key_fallbacks]
-    development = settings.start_local_workers or settings.always_eager or app.debug or app.testing
-    if not development:
-        raise ConfigurationError(
-            "flask-execute signs every task and result and needs a key: set 'SECRET_KEY'"
-            " or 'CELERY_SIGNING_KEY' (the same value on the web and worker processes)."
-        )
-    return _development_key(app, rundir), list(settings.signing_key_fallbacks)
-
-
-def _development_key(app: Flask, rundir: str) -> bytes:
-    """A per-app random key created once (0600), shared by local workers."""
-    path = os.path.join(rundir, "signing.key")
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        with open(path, "rb") as f:
-            key = f.read()
-        if len(key) >= 32:
-            return key
-        os.unlink(path)
-        return _development_key(app, rundir)
-    key = secrets.token_bytes(32)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key)
-    return key
 
 
 class Celery:
@@ -768,8 +140,8 @@ class Celery:
         ``func`` needs no registration. Keyword arguments named in
         :data:`RESERVED_OPTIONS` (``queue``, ``countdown``, ``eta``, ``expires``,
         ``priority``, ``retry``, ``retry_policy``, ``time_limit``,
-        ``soft_time_limit``) are Celery options; use :meth:`apply` when ``func``
-        itself takes one of those names.
+        ``soft_time_limit``, ``acks_late``) are Celery options; use :meth:`apply` when
+        ``func`` itself takes one of those names.
 
         :raises SerializationError: an argument cannot be serialized (named).
         :raises BrokerUnavailable: the broker cannot be reached.
@@ -820,6 +192,20 @@ class Celery:
         message (fewer broker round trips; the members of a chunk finish together).
         """
         options = {k: kwargs.pop(k) for k in list(kwargs) if k in RESERVED_OPTIONS}
+        return self.map_apply(func, calls, kwargs, chunksize=chunksize, **options)
+
+    def map_apply(
+        self,
+        func: Callable[..., R],
+        calls: Iterable[t.Any],
+        kwargs: Mapping[str, t.Any] | None = None,
+        *,
+        chunksize: int | None = None,
+        **options: t.Any,
+    ) -> FuturePool[R]:
+        """:meth:`map` with the calls, the constant keyword arguments and any
+        ``apply_async`` option given explicitly (as :meth:`apply` is to :meth:`submit`)."""
+        kwargs = dict(kwargs or {})
         _check_options(options)
         if chunksize is not None and (not isinstance(chunksize, int) or chunksize < 1):
             raise ValueError(f"chunksize must be a positive integer; got {chunksize!r}.")

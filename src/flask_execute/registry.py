@@ -26,8 +26,8 @@ from collections.abc import Iterator
 if t.TYPE_CHECKING:
     from celery import Task
 
-    from .plugin import _State
     from .plugin import Celery
+    from .state import _State
 
 __all__ = ["ScheduleRegistry", "TaskProxy", "TaskRegistry", "task_name"]
 

@@ -40,7 +40,7 @@ from .local import EmbeddedRedis
 if t.TYPE_CHECKING:
     from flask import Flask
 
-    from .plugin import _State
+    from .state import _State
 
 __all__ = ["flask_execute_broker", "flask_execute_eager", "flask_execute_worker"]
 
