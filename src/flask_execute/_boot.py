@@ -183,11 +183,13 @@ def celery_app() -> t.Any:
     global _celery_app
     with _lock:
         if _celery_app is None:
-            boot_path = os.environ.get(BOOT_ENV)
+            boot_path = os.environ.pop(BOOT_ENV, None)
             if boot_path:
                 with open(boot_path, "rb") as f:
                     # A 0600 file written by the process that started us, not broker data.
-                    app = build(pickle.load(f))
+                    boot = pickle.load(f)
+                os.unlink(boot_path)  # it holds the app's secrets; read once
+                app = build(boot)
             else:
                 from flask.cli import ScriptInfo
 

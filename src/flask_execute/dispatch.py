@@ -20,6 +20,7 @@ import typing as t
 from celery.exceptions import Ignore
 from celery.exceptions import Reject
 from celery.exceptions import Retry
+from celery.worker.request import Request as CeleryRequest
 
 from .errors import RemoteError
 from .errors import SerializationError
@@ -42,6 +43,24 @@ DISPATCH_LATE = "flask_execute.dispatch_acks_late"
 security_log = logging.getLogger("flask_execute.security")
 log = logging.getLogger(__name__)
 _CONTROL_FLOW = (Retry, Ignore, Reject)
+
+
+class SafeRequest(CeleryRequest):  # type: ignore[misc]
+    """Requests of the dispatch tasks: ``inspect active/reserved/scheduled`` (and so
+    Flower) show ``<module:qualname>``, never the envelope with the pickled arguments."""
+
+    def info(self, safe: bool = False) -> dict[str, t.Any]:
+        return t.cast(dict[str, t.Any], super().info(safe=True))
+
+
+def dispatch_entry(task: Task, state: _State, args: tuple[t.Any, ...],
+                   kwargs: dict[str, t.Any]) -> t.Any:  # fmt: skip
+    """The body of both dispatch tasks: exactly one argument, the envelope."""
+    if len(args) != 1 or kwargs:
+        _reject(task, SignatureError("malformed", "A dispatch message carries one envelope."))
+    return execute(task, state, args[0])
+
+
 _carriers: dict[tuple[str, str], type[Exception]] = {}
 
 
@@ -168,6 +187,11 @@ def execute(task: Task, state: _State, envelope: str) -> t.Any:
     func, args, kwargs = call
     try:
         value = func(*args, **kwargs)
+    except Retry:
+        # the next delivery of this task id is a legitimate retry: let it claim
+        if not task.request.is_eager:
+            state.allow_retry(tid, (task.request.retries or 0) + 1)
+        raise
     except _CONTROL_FLOW:
         raise
     except (SystemExit, KeyboardInterrupt) as exc:

@@ -114,7 +114,7 @@ def spawn(
     """Start one child in its own session, output appended to ``log_path``."""
     os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
     ready_r = ready_w = None
-    child_env = dict(env)
+    child_env = env.copy()
     fds = list(pass_fds)
     if ready:
         ready_r, ready_w = os.pipe()
@@ -388,7 +388,7 @@ class LocalServices:
         self._redis: EmbeddedRedis | None = None
         self._lifeline_w: int | None = None
         self._lock_fd: int | None = None
-        self._boot_path: str | None = None
+        self._boot_paths: list[str] = []
         self._running = False
         self._atexit = False
         self._takeover: threading.Thread | None = None
@@ -470,12 +470,11 @@ class LocalServices:
             self._redis.start(timeout=max(1.0, deadline - time.monotonic()))
         read, self._lifeline_w = os.pipe()
         try:
-            self._boot_path = state.write_bootfile()
-            env = dict(os.environ)
+            boot = state.boot_content()
+            env = _BootEnv(os.environ, self, boot)
             env.update(
                 {
                     CHILD_ENV: "1",
-                    BOOT_ENV: self._boot_path,
                     LIFELINE_FD_ENV: str(read),
                     "PYTHONUNBUFFERED": "1",
                 }
@@ -500,10 +499,7 @@ class LocalServices:
                 self._spawn_flower(env, read, log_dir)
         finally:
             os.close(read)
-        try:
-            wait_ready(started, deadline)
-        finally:
-            self._remove_bootfile()  # it holds secrets; ready workers have read it
+        wait_ready(started, deadline)
 
     def _spawn_beat(self, env: dict[str, str], read: int, log_dir: str) -> Child:
         """One beat per host (we hold the services lock); its schedule file lives in
@@ -624,15 +620,40 @@ class LocalServices:
         if self._redis is not None:
             self._redis.stop()
             self._redis = None
-        self._remove_bootfile()
-
-    def _remove_bootfile(self) -> None:
-        if self._boot_path is not None:
+        # each child removes its own boot file once read; these never got that far
+        for path in self._boot_paths:
             try:
-                os.unlink(self._boot_path)
+                os.unlink(path)
             except OSError:
                 pass
-            self._boot_path = None
+        self._boot_paths = []
+
+    def boot_file(self, boot: dict[str, object]) -> str:
+        """A private copy of the boot file for one child (it deletes it once read:
+        the file holds the app's secrets)."""
+        path = os.path.join(
+            self._state.runtime_dir, f"boot-{os.getpid()}-{len(self._boot_paths)}.pickle"
+        )
+        write_private(path, boot)
+        self._boot_paths.append(path)
+        return path
+
+
+class _BootEnv(dict[str, str]):
+    """The children's environment; each ``copy()`` (one per child) gets its own boot
+    file."""
+
+    def __init__(
+        self, base: t.Mapping[str, str], services: LocalServices, boot: dict[str, object]
+    ) -> None:
+        super().__init__(base)
+        self._services = services
+        self._boot = boot
+
+    def copy(self) -> dict[str, str]:
+        env = dict(self)
+        env[BOOT_ENV] = self._services.boot_file(self._boot)
+        return env
 
 
 def write_private(path: str, obj: object) -> None:

@@ -153,7 +153,7 @@ class _TrackingPickler(cloudpickle.Pickler):  # type: ignore[misc]
         name = type(obj).__name__
         if self.models == "refuse":
             raise SerializationError(
-                f"A {name} model instance cannot be sent to a worker: pass its primary key"
+                f"A model instance ({name}) cannot be sent to a worker: pass its primary key"
                 " and query it in the task (or set CELERY_SANITIZE_ARGUMENTS=True to send"
                 " models by primary key)."
             )
@@ -268,10 +268,15 @@ def _call_error(
         try:
             dumps(value, models=models)
         except Exception as inner:
+            advice = (
+                ""  # our own errors already say what to do
+                if isinstance(inner, SerializationError)
+                else ". Pass something picklable instead (for example an id the task can"
+                " look up)."
+            )
             return SerializationError(
                 f"{name[0].upper()}{name[1:]} of {label} cannot be serialized"
-                f" ({type(value).__name__} value): {_explain(inner)}. Pass something"
-                " picklable instead (for example an id the task can look up)."
+                f" ({type(value).__name__} value): {_explain(inner)}{advice}"
             )
     return SerializationError(f"The call to {label} cannot be serialized: {_explain(exc)}.")
 

@@ -29,8 +29,9 @@ from .context import _eager_listeners
 from .context import make_task_class
 from .control import Inspect
 from .dispatch import DISPATCH
+from .dispatch import dispatch_entry
 from .dispatch import DISPATCH_LATE
-from .dispatch import execute
+from .dispatch import SafeRequest
 from .errors import BrokerUnavailable
 from .errors import ConfigurationError
 from .errors import RemoteError
@@ -44,7 +45,6 @@ from .local import EmbeddedRedis
 from .local import LocalServices
 from .local import redis_answers
 from .local import runtime_dir
-from .local import write_private
 
 if t.TYPE_CHECKING:
     from .plugin import Celery
@@ -59,6 +59,13 @@ if t.TYPE_CHECKING:
 __all__ = ["RemoteTraceback"]
 
 log = logging.getLogger(__name__)
+# set KEYS[1] to ARGV[2] (with ttl ARGV[3]) only if it still holds ARGV[1]
+_CAS = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+    return redis.call('set', KEYS[1], ARGV[2], 'EX', ARGV[3])
+end
+return nil
+"""
 
 
 class _State:
@@ -133,9 +140,10 @@ class _State:
             typing=False,
             track_started=False,
             acks_late=False,
+            Request=SafeRequest,
         )
-        def dispatch(task: Task, envelope: str) -> t.Any:
-            return execute(task, state, envelope)
+        def dispatch(task: Task, *args: t.Any, **kwargs: t.Any) -> t.Any:
+            return dispatch_entry(task, state, args, kwargs)
 
         @self.controller.task(  # type: ignore[untyped-decorator]
             name=DISPATCH_LATE,
@@ -145,9 +153,10 @@ class _State:
             track_started=False,
             acks_late=True,
             reject_on_worker_lost=True,
+            Request=SafeRequest,
         )
-        def dispatch_acks_late(task: Task, envelope: str) -> t.Any:
-            return execute(task, state, envelope)
+        def dispatch_acks_late(task: Task, *args: t.Any, **kwargs: t.Any) -> t.Any:
+            return dispatch_entry(task, state, args, kwargs)
 
         self.dispatch = dispatch
         self.dispatch_late = dispatch_acks_late
@@ -196,8 +205,8 @@ class _State:
                     )
         return self._watcher
 
-    def write_bootfile(self) -> str:
-        """Write what a local worker needs to rebuild this app (private file)."""
+    def boot_content(self) -> dict[str, object]:
+        """What a local worker needs to rebuild this app (written to private files)."""
         snapshot: dict[str, object] = {}
         for key, value in self.app.config.items():
             try:
@@ -210,20 +219,15 @@ class _State:
         snapshot["CELERY_RESULT_BACKEND"] = self.backend_url
         snapshot["CELERY_SIGNING_KEY"] = self.codec_keys[0]
         snapshot["CELERY_SIGNING_KEY_FALLBACKS"] = self.codec_keys[1]
-        path = os.path.join(self.runtime_dir, f"boot-{os.getpid()}.pickle")
-        write_private(
-            path,
-            {
-                "locator": self.locator,
-                "config": snapshot,
-                "sys_path": [p or os.getcwd() for p in sys.path],
-                "import_name": self.app.import_name,
-                "root_path": self.app.root_path,
-                "instance_path": self.app.instance_path,
-                "base_task": self.extension.base_task,
-            },
-        )
-        return path
+        return {
+            "locator": self.locator,
+            "config": snapshot,
+            "sys_path": [p or os.getcwd() for p in sys.path],
+            "import_name": self.app.import_name,
+            "root_path": self.app.root_path,
+            "instance_path": self.app.instance_path,
+            "base_task": self.extension.base_task,
+        }
 
     @property
     def codec_keys(self) -> tuple[bytes, list[bytes]]:
@@ -448,6 +452,12 @@ class _State:
         return pickle.loads(payload)
 
     def decode_failure(self, task_id: str, meta: Mapping[str, t.Any]) -> BaseException:
+        if meta.get("flask_execute_unreadable"):
+            return SignatureError(
+                "malformed",
+                "The state stored for this task is not Celery's JSON (forged?); it was"
+                " not deserialized.",
+            )
         result = meta.get("result")
         tb_text = meta.get("traceback") or ""
         args: t.Any = ()
@@ -473,8 +483,8 @@ class _State:
         return _with_traceback(exc, tb_text)
 
     # --- cancellation ------------------------------------------------------------------
-    def _claim_key(self, task_id: str, attempt: int) -> str:
-        return f"flask-execute:claim:{task_id}:{attempt}"
+    def _claim_key(self, task_id: str) -> str:
+        return f"flask-execute:claim:{task_id}"
 
     def _redis(self) -> t.Any:
         from celery.backends.redis import RedisBackend
@@ -484,19 +494,30 @@ class _State:
 
     def claim(self, task_id: str, attempt: int, late: bool = False) -> str:
         """Worker side, before running a call: ``run``, ``cancelled``, ``duplicate``
-        (this delivery already ran: a replay) or ``poison`` (at-least-once only: the
-        delivery cap is reached)."""
+        (this task id already ran: a replay) or ``poison`` (at-least-once only: the
+        delivery cap is reached).
+
+        One key per task id, in the result backend. A retry (``current_task.retry()``)
+        runs only if the attempt before it announced it (:meth:`allow_retry`): the
+        message's ``retries`` header is not signed, so it proves nothing by itself.
+        """
         client = self._redis()
         if client is None:
             return "run"
-        key = self._claim_key(task_id, attempt)
+        key = self._claim_key(task_id)
         ttl = int(self.codec.max_age) + 60
         if client.set(key, "run", nx=True, ex=ttl):
             if late:
                 client.set(f"flask-execute:deliveries:{task_id}", 1, ex=ttl)
             return "run"
-        if client.get(key) == b"cancelled":
+        value = client.get(key)
+        if value == b"cancelled":
             return "cancelled"
+        if attempt and value == f"retry:{attempt}".encode():
+            # compare-and-set, so two copies of the retry message cannot both run
+            if client.eval(_CAS, 1, key, value, "run", ttl):
+                return "run"
+            return "duplicate"
         if not late:
             return "duplicate"
         # at-least-once: a redelivery after a lost worker runs again, unless the task
@@ -507,6 +528,14 @@ class _State:
         deliveries = client.incr(f"flask-execute:deliveries:{task_id}")
         return "poison" if deliveries > self.settings.max_deliveries else "run"
 
+    def allow_retry(self, task_id: str, attempt: int) -> None:
+        """The running attempt raised ``Retry``: let attempt ``attempt`` claim the id."""
+        client = self._redis()
+        if client is not None:
+            client.set(
+                self._claim_key(task_id), f"retry:{attempt}", ex=int(self.codec.max_age) + 60
+            )
+
     def cancel_task(self, future: Future[t.Any], terminate: bool) -> bool:
         """Caller side of ``Future.cancel``: True when the task will never run (or, with
         ``terminate``, has been stopped)."""
@@ -515,7 +544,7 @@ class _State:
         task_id = future.id
         client = self._redis()
         if client is not None:
-            key = self._claim_key(task_id, 0)
+            key = self._claim_key(task_id)
             won = bool(client.set(key, "cancelled", nx=True, ex=int(self.codec.max_age) + 60))
             if not won and not terminate:
                 return False

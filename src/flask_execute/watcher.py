@@ -28,6 +28,8 @@ __all__ = ["Handler", "Watcher", "make_watcher"]
 log = logging.getLogger(__name__)
 
 _SWEEP_EVERY = 5.0
+#: What a handler receives for a stored state that is not Celery's JSON (forged).
+UNREADABLE: dict[str, t.Any] = {"status": "FAILURE", "flask_execute_unreadable": True}
 
 
 def json_loads(data: bytes) -> t.Any:
@@ -147,8 +149,14 @@ class RedisWatcher(Watcher):
             batch = task_ids[start : start + 500]
             values = client.mget([self._prefix + tid.encode() for tid in batch])
             for tid, value in zip(batch, values, strict=True):
-                if value is not None:
-                    self._deliver(tid, json_loads(value))
+                if value is None:
+                    continue
+                try:
+                    meta = json_loads(value)
+                except ValueError:  # not Celery's JSON: forged; fails that future alone
+                    log.warning("flask-execute: unreadable state stored for task %s", tid)
+                    meta = UNREADABLE
+                self._deliver(tid, meta if isinstance(meta, dict) else UNREADABLE)
 
     def _run(self) -> None:
         backoff = 0.1
@@ -179,9 +187,8 @@ class RedisWatcher(Watcher):
                             meta = json_loads(message["data"])
                         except ValueError:
                             log.warning("flask-execute: unreadable state for task %s", task_id)
-                            continue
-                        if isinstance(meta, dict):
-                            self._deliver(task_id, meta)
+                            meta = UNREADABLE
+                        self._deliver(task_id, meta if isinstance(meta, dict) else UNREADABLE)
                     now = time.monotonic()
                     if now - last_sweep > _SWEEP_EVERY:
                         last_sweep = now
