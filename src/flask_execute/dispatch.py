@@ -118,6 +118,24 @@ def _reject(task: Task, exc: SignatureError) -> t.NoReturn:
 
 def execute(task: Task, state: _State, envelope: str) -> t.Any:
     """Verify, unpickle and run one envelope; return the sealed outcome."""
+    header, payload = _admit(task, state, envelope)
+    if task.name != DISPATCH_LATE or task.request.is_eager:
+        return _run(task, state, header, payload)
+    # at-least-once: once the call finished (either way), later deliveries are
+    # duplicates, even after the result expired; a retry keeps its own claim
+    try:
+        outcome = _run(task, state, header, payload)
+    except Retry:
+        raise
+    except BaseException:
+        state.finish_claim(task.request.id)
+        raise
+    state.finish_claim(task.request.id)
+    return outcome
+
+
+def _admit(task: Task, state: _State, envelope: str) -> tuple[dict[str, t.Any], bytes]:
+    """Check the envelope and claim the task id; raise Ignore for what must not run."""
     tid = task.request.id
     try:
         header, payload = state.codec.open(envelope, "call", tid, {"task": task.name})
@@ -156,6 +174,13 @@ def execute(task: Task, state: _State, envelope: str) -> t.Any:
         task.update_state(
             state="STARTED", meta={"pid": os.getpid(), "hostname": task.request.hostname}
         )
+    return header, payload
+
+
+def _run(task: Task, state: _State, header: dict[str, t.Any], payload: bytes) -> t.Any:
+    """Unpickle the verified call, run it, seal what it returned or raised."""
+    tid = task.request.id
+    label = header.get("fn", "?")
     try:
         call = pickle.loads(payload)
     except Exception as exc:

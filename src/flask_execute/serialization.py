@@ -271,8 +271,7 @@ def _call_error(
             advice = (
                 ""  # our own errors already say what to do
                 if isinstance(inner, SerializationError)
-                else ". Pass something picklable instead (for example an id the task can"
-                " look up)."
+                else ". Pass something picklable instead (for example an id the task can look up)."
             )
             return SerializationError(
                 f"{name[0].upper()}{name[1:]} of {label} cannot be serialized"

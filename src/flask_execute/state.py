@@ -513,6 +513,8 @@ class _State:
         value = client.get(key)
         if value == b"cancelled":
             return "cancelled"
+        if value == b"done":
+            return "duplicate"
         if attempt and value == f"retry:{attempt}".encode():
             # compare-and-set, so two copies of the retry message cannot both run
             if client.eval(_CAS, 1, key, value, "run", ttl):
@@ -527,6 +529,13 @@ class _State:
             return "duplicate"
         deliveries = client.incr(f"flask-execute:deliveries:{task_id}")
         return "poison" if deliveries > self.settings.max_deliveries else "run"
+
+    def finish_claim(self, task_id: str) -> None:
+        """The call finished (either way): any later delivery of it is a duplicate,
+        even after its result expired."""
+        client = self._redis()
+        if client is not None:
+            client.set(self._claim_key(task_id), "done", ex=int(self.codec.max_age) + 60)
 
     def allow_retry(self, task_id: str, attempt: int) -> None:
         """The running attempt raised ``Retry``: let attempt ``attempt`` claim the id."""
@@ -662,18 +671,26 @@ def _signing_keys(
 
 
 def _development_key(app: Flask, rundir: str) -> bytes:
-    """A per-app random key created once (0600), shared by local workers."""
+    """A per-app random key created once (0600), shared by local workers. Created
+    atomically (hard link of a complete file), so racing processes agree on it."""
     path = os.path.join(rundir, "signing.key")
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        with open(path, "rb") as f:
-            key = f.read()
-        if len(key) >= 32:
-            return key
-        os.unlink(path)
-        return _development_key(app, rundir)
-    key = secrets.token_bytes(32)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key)
-    return key
+    for _ in range(3):
+        try:
+            with open(path, "rb") as f:
+                key = f.read()
+            if len(key) >= 32:
+                return key
+            os.unlink(path)  # truncated by a crash of its writer
+        except FileNotFoundError:
+            pass
+        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(secrets.token_bytes(32))
+        try:
+            os.link(tmp, path)  # fails if another process won the race: use theirs
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
+    raise ConfigurationError(f"Could not create the development signing key {path}.")
