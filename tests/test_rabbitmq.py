@@ -90,8 +90,7 @@ def test_cancel_before_start(rabbit, tmp_path):
     app, celery = rabbit
     release = tmp_path / "release"
     blockers = [
-        celery.submit(tasks.mark_and_wait, str(tmp_path / f"b{i}"), str(release))
-        for i in range(2)
+        celery.submit(tasks.mark_and_wait, str(tmp_path / f"b{i}"), str(release)) for i in range(2)
     ]
     deadline = time.monotonic() + 10
     while not all(b.running() for b in blockers):
