@@ -270,3 +270,19 @@ def _wait(predicate, timeout=10.0):
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached in time"
         time.sleep(0.01)
+
+
+def test_get_of_an_expired_result_says_so(direct_app, redis_url):
+    import redis as redis_client
+
+    from flask_execute import ResultExpired
+    from tests.apps import direct
+
+    with direct_app.app_context():
+        future = direct.celery.submit(tasks.add, 1, 1)
+        assert future.result(10) == 2
+        redis_client.Redis.from_url(redis_url + "/1").delete(f"celery-task-meta-{future.id}")
+        again = direct.celery.get(future.id)
+        with pytest.raises(ResultExpired, match="its result has expired"):
+            again.result(timeout=1)
+        assert isinstance(again.exception(0), LookupError)

@@ -14,6 +14,7 @@ from .errors import ConfigurationError
 from .errors import ExecuteError
 from .errors import RemoteError
 from .errors import RemoteTraceback
+from .errors import ResultExpired
 from .errors import SerializationError
 from .errors import ServiceStartError
 from .errors import SignatureError
@@ -36,6 +37,7 @@ __all__ = [
     "FuturePool",
     "RemoteError",
     "RemoteTraceback",
+    "ResultExpired",
     "SerializationError",
     "ServiceStartError",
     "SignatureError",

@@ -17,6 +17,7 @@ __all__ = [
     "ExecuteError",
     "RemoteError",
     "RemoteTraceback",
+    "ResultExpired",
     "SerializationError",
     "ServiceStartError",
     "SignatureError",
@@ -68,6 +69,18 @@ class SignatureError(ExecuteError):
 class TaskTimeoutError(ExecuteError, concurrent.futures.TimeoutError):
     """``Future.result(timeout)`` ran out of time; the message says what was seen
     (task state, target queue, workers that answered)."""
+
+
+class ResultExpired(ExecuteError, LookupError):
+    """``celery.get(task_id)`` for a task that ran, whose result the backend no longer
+    has (``CELERY_RESULT_EXPIRES``, one day by default)."""
+
+    def __init__(self, task_id: str) -> None:
+        self.task_id = task_id
+        super().__init__(
+            f"Task {task_id} ran, but its result has expired from the result backend"
+            " (CELERY_RESULT_EXPIRES)."
+        )
 
 
 class RemoteError(ExecuteError):

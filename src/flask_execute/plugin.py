@@ -27,6 +27,7 @@ from werkzeug.local import LocalProxy
 from .control import Control
 from .control import Inspect
 from .errors import BrokerUnavailable
+from .errors import ResultExpired
 from .executor import CeleryExecutor
 from .futures import _Chunk
 from .futures import Future
@@ -263,6 +264,10 @@ class Celery:
             return found
         future: Future[t.Any] = Future(task_id, state)
         state.watcher_or_error().watch(task_id, future, catch_up=True)
+        if not future.done() and future.state == "PENDING" and state.claimed(task_id):
+            # it ran (a worker claimed it and would have stored STARTED at least), but
+            # the backend has nothing any more: the result expired
+            future._finish("FAILURE", exc=ResultExpired(task_id))
         return future
 
     def executor(self, **options: t.Any) -> CeleryExecutor:

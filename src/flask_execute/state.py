@@ -114,6 +114,9 @@ class _State:
             },
             "task_publish_retry_policy": retry,
             "redis_socket_connect_timeout": timeout,
+            # a result backend blip while a worker stores a result: retry, bounded
+            "result_backend_always_retry": True,
+            "result_backend_max_retries": 10,
             "worker_hijack_root_logger": True,
         }
         user_transport = celery_settings.pop("broker_transport_options", None) or {}
@@ -529,6 +532,14 @@ class _State:
             return "duplicate"
         deliveries = client.incr(f"flask-execute:deliveries:{task_id}")
         return "poison" if deliveries > self.settings.max_deliveries else "run"
+
+    def claimed(self, task_id: str) -> bool:
+        """Did a worker ever claim (start, or see cancelled) this task id?"""
+        client = self._redis()
+        return client is not None and client.get(self._claim_key(task_id)) not in (
+            None,
+            b"cancelled",
+        )
 
     def finish_claim(self, task_id: str) -> None:
         """The call finished (either way): any later delivery of it is a duplicate,
