@@ -265,3 +265,27 @@ def test_memory_flat_after_many_completed_futures(direct_app):
         second = rss_kb()
     assert len(state.watcher) == 0  # nothing pending, nothing held
     assert second - first < 20_000, (first, second)  # KB; a leak of 50k futures is far more
+
+
+def test_result_backend_blip_while_a_task_finishes(private_redis, log_dir, tmp_path):
+    backend = EmbeddedRedis(str(tmp_path / "results"), port=free_port())
+    backend.start()
+    try:
+        app, celery = make_app(
+            private_redis.url + "/0", log_dir, name="blip",
+            CELERY_RESULT_BACKEND=backend.url + "/0",
+        )  # fmt: skip
+        try:
+            future = celery.submit(tasks.sleep, 1.5)
+            deadline = time.monotonic() + 15
+            while not future.running():
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            backend.stop()  # the task finishes while the result backend is down
+            time.sleep(2.5)
+            backend.start()
+            assert future.result(timeout=30) == 1.5
+        finally:
+            celery.stop()
+    finally:
+        backend.stop()
