@@ -146,7 +146,9 @@ def _admit(task: Task, state: _State, envelope: str) -> tuple[dict[str, t.Any], 
         raise _sealed_failure(state, tid, SerializationError(str(exc)), "") from None
     label = header.get("fn", "?")
     if not task.request.is_eager:
-        claim = state.claim(tid, task.request.retries or 0, late=task.name == DISPATCH_LATE)
+        claim = state.claim(
+            tid, task.request.retries or 0, late=task.name == DISPATCH_LATE, started=task.request
+        )
         if claim == "cancelled":
             log.info("flask-execute: task %s [%s] was cancelled before it started", label, tid)
             task.backend.mark_as_revoked(tid, "cancelled", request=task.request)
@@ -171,9 +173,10 @@ def _admit(task: Task, state: _State, envelope: str) -> tuple[dict[str, t.Any], 
                 tid, _sealed_failure(state, tid, poison, ""), request=task.request
             )
             raise Ignore()
-        task.update_state(
-            state="STARTED", meta={"pid": os.getpid(), "hostname": task.request.hostname}
-        )
+        if claim != "started":  # not stored with the claim (retries, redeliveries)
+            task.update_state(
+                state="STARTED", meta={"pid": os.getpid(), "hostname": task.request.hostname}
+            )
     return header, payload
 
 

@@ -59,6 +59,20 @@ if t.TYPE_CHECKING:
 __all__ = ["RemoteTraceback"]
 
 log = logging.getLogger(__name__)
+# claim KEYS[1] if nobody has; then store and publish the STARTED meta (KEYS[2]) as
+# Celery's Redis backend would, in the same round trip. Else return the claim.
+_CLAIM_AND_START = """
+if redis.call('set', KEYS[1], 'run', 'NX', 'EX', ARGV[1]) then
+    if tonumber(ARGV[3]) > 0 then
+        redis.call('setex', KEYS[2], ARGV[3], ARGV[2])
+    else
+        redis.call('set', KEYS[2], ARGV[2])
+    end
+    redis.call('publish', KEYS[2], ARGV[2])
+    return 1
+end
+return redis.call('get', KEYS[1])
+"""
 # set KEYS[1] to ARGV[2] (with ttl ARGV[3]) only if it still holds ARGV[1]
 _CAS = """
 if redis.call('get', KEYS[1]) == ARGV[1] then
@@ -130,6 +144,9 @@ class _State:
         # the URLs decided above win over a CELERY={"broker_url": ...} the user also set
         conf.update(broker_url=self.broker_url, result_backend=self.backend_url)
         self.controller.conf.update(conf)
+        # our watcher follows our tasks: no per-task subscription by Celery's backend
+        quiet = "flask_execute.watcher:QuietRedisBackend"
+        self.controller.loader.override_backends = {"redis": quiet, "rediss": quiet}
         self.controller.flask_app = app
         self.controller.flask_execute = self
         state = self
@@ -495,10 +512,14 @@ class _State:
         backend = self.controller.backend
         return backend.client if isinstance(backend, RedisBackend) else None
 
-    def claim(self, task_id: str, attempt: int, late: bool = False) -> str:
-        """Worker side, before running a call: ``run``, ``cancelled``, ``duplicate``
+    def claim(self, task_id: str, attempt: int, late: bool = False, started: t.Any = None) -> str:
+        """Worker side, before running a call: ``run``, ``started`` (= run, and the
+        STARTED state was already stored and published), ``cancelled``, ``duplicate``
         (this task id already ran: a replay) or ``poison`` (at-least-once only: the
         delivery cap is reached).
+
+        ``started`` is the task's request: the first claim also stores its STARTED
+        state, in the same Redis round trip.
 
         One key per task id, in the result backend. A retry (``current_task.retry()``)
         runs only if the attempt before it announced it (:meth:`allow_retry`): the
@@ -509,11 +530,29 @@ class _State:
             return "run"
         key = self._claim_key(task_id)
         ttl = int(self.codec.max_age) + 60
-        if client.set(key, "run", nx=True, ex=ttl):
+        if started is not None:
+            backend = self.controller.backend
+            meta = backend.encode(
+                backend._get_result_meta(
+                    result={"pid": os.getpid(), "hostname": started.hostname},
+                    state="STARTED",
+                    traceback=None,
+                    request=started,
+                )
+            )
+            expires = int(backend.expires or 0)
+            meta_key = backend.get_key_for_task(task_id)
+            value = client.eval(_CLAIM_AND_START, 2, key, meta_key, ttl, meta, expires)
+            if value == 1:
+                if late:
+                    client.set(f"flask-execute:deliveries:{task_id}", 1, ex=ttl)
+                return "started"
+        elif client.set(key, "run", nx=True, ex=ttl):
             if late:
                 client.set(f"flask-execute:deliveries:{task_id}", 1, ex=ttl)
             return "run"
-        value = client.get(key)
+        else:
+            value = client.get(key)
         if value == b"cancelled":
             return "cancelled"
         if value == b"done":

@@ -21,6 +21,7 @@ import time
 import typing as t
 import weakref
 
+from celery.backends.redis import RedisBackend
 from kombu.utils.json import loads as _kombu_loads
 
 __all__ = ["Handler", "Watcher", "make_watcher"]
@@ -265,8 +266,17 @@ class PollingWatcher(Watcher):
 
 def make_watcher(backend: t.Any, connect_timeout: float = 10.0) -> Watcher:
     """The watcher suited to ``backend`` (a Celery result backend instance)."""
-    from celery.backends.redis import RedisBackend
-
     if isinstance(backend, RedisBackend):
         return RedisWatcher(backend, connect_timeout)
     return PollingWatcher(backend)
+
+
+class QuietRedisBackend(RedisBackend):  # type: ignore[misc]
+    """Celery's Redis result backend, minus the SUBSCRIBE it sends for every published
+    task (and the UNSUBSCRIBE when its AsyncResult is collected): our watcher already
+    follows every task it sends. ``AsyncResult.get()`` of registered tasks still
+    subscribes when called. Installed through the app loader's ``override_backends``.
+    """
+
+    def on_task_call(self, producer: t.Any, task_id: str) -> None:
+        return None
