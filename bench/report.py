@@ -1,0 +1,504 @@
+"""Turn the measurements into the summary table, the console output and RESULTS.md.
+
+Ratios: for latencies, ``flask-execute ÷ plain`` ("x time": below 1 is faster); for
+``map``, ``plain ÷ flask-execute`` ("x faster": above 1 is faster). Every figure is a
+median unless it says otherwise. Targets are the ones of issue 6.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import statistics
+import typing as t
+
+if t.TYPE_CHECKING:
+    from bench.runner import Plan
+
+__all__ = ["Row", "console", "markdown", "summary"]
+
+KB4 = 4096
+#: ``map`` cost counts as linear when the per-call cost at one size is at most this
+#: factor above the per-call cost at the previous (10x smaller) size.
+LINEAR_SLACK = 1.25
+
+
+@dataclasses.dataclass
+class Row:
+    measurement: str
+    fe: str
+    plain: str
+    ratio: str
+    target: str
+    met: bool | None  # None: no target
+
+    @property
+    def met_text(self) -> str:
+        return "—" if self.met is None else ("yes" if self.met else "**NO**")
+
+
+def pct(values: list[float], p: float) -> float:
+    """The ``p``-th percentile (linear interpolation between closest ranks)."""
+    ordered = sorted(values)
+    if len(ordered) == 1:
+        return ordered[0]
+    rank = (len(ordered) - 1) * p / 100
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def med(values: t.Iterable[float]) -> float:
+    return statistics.median(list(values))
+
+
+def _total(runs: list[dict[str, float]]) -> float:
+    return med(r["total_s"] for r in runs)
+
+
+def _rate(n: int, seconds: float) -> str:
+    return f"{seconds:.2f} s ({n / seconds:,.0f}/s)"
+
+
+def summary(results: dict[str, t.Any], plan: Plan) -> list[Row]:
+    rows: list[Row] = []
+    rt = results["roundtrip"]
+    fe50, pl50 = pct(rt["fe_ms"], 50), pct(rt["plain_ms"], 50)
+    fe99, pl99 = pct(rt["fe_ms"], 99), pct(rt["plain_ms"], 99)
+    n_rt = len(rt["fe_ms"])
+    rows.append(
+        Row(
+            f"Round trip p50, `submit(add, i, i).result()` vs `add.delay(i, i).get()`"
+            f" ({n_rt} each)",
+            f"{fe50:.2f} ms",
+            f"{pl50:.2f} ms",
+            f"{fe50 / pl50:.2f}x time",
+            "≤ 0.8x time",
+            fe50 / pl50 <= 0.8,
+        )
+    )
+    rows.append(
+        Row(
+            "Round trip p99",
+            f"{fe99:.2f} ms",
+            f"{pl99:.2f} ms",
+            f"{fe99 / pl99:.2f}x time",
+            "—",
+            None,
+        )
+    )
+    rows.append(
+        Row(
+            "Client CPU per round trip (web process, all threads)",
+            f"{rt['fe_cpu_ms']:.2f} ms",
+            f"{rt['plain_cpu_ms']:.2f} ms",
+            f"{rt['fe_cpu_ms'] / rt['plain_cpu_ms']:.2f}x time",
+            "—",
+            None,
+        )
+    )
+
+    m = results["map"]
+    n = plan.map_n
+    c = plan.map_chunksize
+    fe, fe_chunk = _total(m["fe"]), _total(m["fe_chunk"])
+    loop, grp = _total(m["plain_loop"]), _total(m["plain_group"])
+    rows.append(
+        Row(
+            f"`map` of {n:,}, no chunksize, vs a `delay()` loop then `get()` each",
+            _rate(n, fe),
+            _rate(n, loop),
+            f"{loop / fe:.2f}x faster",
+            "≥ 3x faster",
+            loop / fe >= 3,
+        )
+    )
+    rows.append(
+        Row(
+            f"`map` of {n:,}, chunksize={c}, vs the `delay()` loop",
+            _rate(n, fe_chunk),
+            _rate(n, loop),
+            f"{loop / fe_chunk:.2f}x faster",
+            "≥ 20x faster",
+            loop / fe_chunk >= 20,
+        )
+    )
+    rows.append(
+        Row(
+            f"`map` of {n:,}, no chunksize, vs `group(...).apply_async().get()`",
+            _rate(n, fe),
+            _rate(n, grp),
+            f"{grp / fe:.2f}x faster",
+            "—",
+            None,
+        )
+    )
+    rows.append(
+        Row(
+            f"`map` of {n:,}, chunksize={c}, vs the `group`",
+            _rate(n, fe_chunk),
+            _rate(n, grp),
+            f"{grp / fe_chunk:.2f}x faster",
+            "—",
+            None,
+        )
+    )
+
+    s = results["status"]
+    cold = results["cold"]
+    fe_s, pl_s = med(s["fe"]), med(s["plain"])
+    rows.append(
+        Row(
+            "`celery.status()`, all local workers up, vs `control.ping(timeout=1)`"
+            f" ({len(s['fe'])} calls each after a first one)",
+            f"{fe_s:.1f} ms (worst {max(s['fe']):.1f})",
+            f"{pl_s:.1f} ms",
+            f"{fe_s / pl_s:.3f}x time",
+            "≤ 50 ms",
+            max(s["fe"]) <= 50,
+        )
+    )
+    fe_first, pl_first = med(cold["fe_status"]), med(cold["plain_status"])
+    rows.append(
+        Row(
+            "First `status()` / `ping(timeout=1)` in a fresh process, right after the"
+            " cold start below",
+            f"{fe_first:.1f} ms (worst {max(cold['fe_status']):.1f})",
+            f"{pl_first:.1f} ms",
+            f"{fe_first / pl_first:.3f}x time",
+            "≤ 50 ms",
+            max(cold["fe_status"]) <= 50,
+        )
+    )
+    pl_lim = med(s["plain_limit"])
+    rows.append(
+        Row(
+            "`celery.status()` vs `control.ping(timeout=1, limit=1)` (reference: a caller"
+            " who knows how many workers answer)",
+            f"{fe_s:.1f} ms",
+            f"{pl_lim:.1f} ms",
+            f"{fe_s / pl_lim:.2f}x time",
+            "—",
+            None,
+        )
+    )
+
+    fe_c, pl_c = med(cold["fe"]), med(cold["plain"])
+    rows.append(
+        Row(
+            "First submit → first result, fresh app, worker auto-started, vs a bare"
+            " `celery worker` start + first result",
+            f"{fe_c:.2f} s (worst {max(cold['fe']):.2f})",
+            f"{pl_c:.2f} s",
+            f"{fe_c / pl_c:.2f}x time",
+            "≤ 2 s",
+            max(cold["fe"]) <= 2.0,
+        )
+    )
+
+    growth = results["growth"]
+    if growth:
+        sizes = " / ".join(f"{g['size'] // 1000}k" for g in growth)
+        per_call = [g["total_s"] / g["size"] * 1e6 for g in growth]
+        per_mem = [(g["peak_rss_kb"] - g["base_rss_kb"]) * 1024 / g["size"] for g in growth]
+        time_steps = [b / a for a, b in itertools.pairwise(per_call)]
+        mem_steps = [b / a for a, b in itertools.pairwise(per_mem) if a > 0]
+        chunks = sorted({g["chunksize"] for g in growth})
+        rows.append(
+            Row(
+                f"`map` cost growth {sizes} calls (chunksize={'/'.join(map(str, chunks))}):"
+                " time per call",
+                " / ".join(f"{x:.0f} µs" for x in per_call),
+                "—",
+                "step " + " / ".join(f"{x:.2f}x" for x in time_steps),
+                f"linear (each step ≤ {LINEAR_SLACK}x)",
+                all(x <= LINEAR_SLACK for x in time_steps),
+            )
+        )
+        rows.append(
+            Row(
+                f"`map` cost growth {sizes}: peak web-process RSS over baseline, per call"
+                " (peak RSS)",
+                " / ".join(f"{x:,.0f} B" for x in per_mem)
+                + " ("
+                + " / ".join(f"{g['peak_rss_kb'] / 1024:.0f}" for g in growth)
+                + " MiB)",
+                "—",
+                "step " + " / ".join(f"{x:.2f}x" for x in mem_steps),
+                f"linear (each step ≤ {LINEAR_SLACK}x)",
+                all(x <= LINEAR_SLACK for x in mem_steps),
+            )
+        )
+
+    parked = results["parked"]
+    plain_parked = [p for p in parked if p["side"] == "plain"]
+    fe_parked = [p for p in parked if p["side"] == "fe"]
+    chunked = [p for p in fe_parked if p["chunksize"]]
+    shown = [p for p in fe_parked if not p["chunksize"]]
+    if chunked:
+        shown.append(max(chunked, key=lambda p: p["size"]))
+    for p in shown:
+        per = _per_pending(p)
+        ref = next((q for q in plain_parked if q["size"] == p["size"] and not p["chunksize"]), None)
+        label = f"chunksize={p['chunksize']}" if p["chunksize"] else "no chunksize"
+        rows.append(
+            Row(
+                f"Web-process memory per pending future, `map` of {p['size']:,}, {label}"
+                " (Python heap / RSS)",
+                _bytes_pair(p),
+                _bytes_pair(ref) + " (`AsyncResult`)" if ref else "—",
+                f"{per[0] / _per_pending(ref)[0]:.2f}x heap" if ref else "—",
+                "≤ 4 KB (heap)",
+                per[0] <= KB4,
+            )
+        )
+
+    codec = results["codec"]
+    rows.append(
+        Row(
+            "Signing + serialization per call, isolated: `dump_call` + `Codec.seal` +"
+            " `Codec.open` vs kombu JSON body dumps + loads",
+            f"{codec['fe_call']:.1f} µs",
+            f"{codec['plain_call']:.1f} µs",
+            f"{codec['fe_call'] / codec['plain_call']:.2f}x time",
+            "—",
+            None,
+        )
+    )
+    return rows
+
+
+def _bytes_pair(p: dict[str, t.Any]) -> str:
+    heap, rss = _per_pending(p)
+    return f"{heap:,.0f} B / {rss:,.0f} B"
+
+
+def _per_pending(p: dict[str, t.Any] | None) -> tuple[float, float]:
+    if p is None:
+        return (0.0, 0.0)
+    return p["traced_bytes"] / p["size"], p["rss_bytes"] / p["size"]
+
+
+# --- output ----------------------------------------------------------------------------
+HEADER = ("measurement", "flask-execute", "plain Celery", "ratio", "target (issue 6)", "met?")
+
+
+def table(rows: list[Row]) -> str:
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    for r in rows:
+        cells = (r.measurement, r.fe, r.plain, r.ratio, r.target, r.met_text)
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def console(rows: list[Row], results: dict[str, t.Any], plan: Plan, elapsed: float) -> str:
+    out = [f"\nflask-execute vs plain Celery ({plan.name} run, {elapsed:.0f} s)\n"]
+    for r in rows:
+        out.append(f"- {r.measurement.replace('`', '')}")
+        out.append(
+            f"    flask-execute {r.fe} | plain {r.plain} | {r.ratio}"
+            + ("" if r.met is None else f" | target {r.target}: {'met' if r.met else 'NOT MET'}")
+        )
+    return "\n".join(out)
+
+
+def markdown(
+    rows: list[Row],
+    results: dict[str, t.Any],
+    plan: Plan,
+    machine: dict[str, t.Any],
+    elapsed: float,
+) -> str:
+    v = machine["versions"]
+    redis = results["redis"]
+    out = [
+        "# flask-execute benchmark results",
+        "",
+        f"Generated by `python -m bench` (`make bench`) on {machine['date']}, in"
+        f" {elapsed:.0f} s. Every full run rewrites this file; do not edit it by hand.",
+        "",
+        "## Machine",
+        "",
+        f"- CPU: {machine['cpu']}, {machine['cores']} cores ({machine['usable_cores']} usable),"
+        f" {machine['memory']} RAM, {machine['kernel']}",
+        f"- {machine['python']}; Celery {v['celery']}, kombu {v['kombu']}, redis-py"
+        f" {v['redis']}, Flask {v['flask']}, cloudpickle {v['cloudpickle']}; Redis server"
+        f" {redis['version']}",
+        f"- flask-execute at commit {machine['commit']}",
+        f"- Load average (1/5/15 min) at start {machine['load_start']}, at end"
+        f" {machine['load_end']} (other work on the machine shows here; both sides share it)",
+        "",
+        "## Set-up",
+        "",
+        "- One private `redis-server` on a free loopback TCP port, started and stopped by the"
+        " run: flask-execute on db 1, plain Celery on db 2 (its result keys prefixed"
+        " `plain:` so that flask-execute's pattern subscription does not receive them), the"
+        " cold starts on dbs 3 and 4.",
+        "- The same worker shape on both sides: one `celery worker`, prefork pool,"
+        " concurrency 2, without mingle and gossip, log level WARNING. flask-execute's is"
+        " auto-started by the first `submit` (`CELERY_WORKERS={'bench': {'concurrency': 2,"
+        " 'without_gossip': True}}`); the plain one is `celery -A bench.plain_app worker"
+        " --pool=prefork -c 2 --without-mingle --without-gossip -Q bench-plain`, with JSON"
+        " serializers and a registered task `add`.",
+        "- Both run the same trivial `add(x, y)`; flask-execute sends it by reference inside"
+        " its signed envelope, with the `STARTED` report and the claim it always makes.",
+        "- Alternation: round trips in blocks of"
+        f" {plan.rt_block} calls in ABBA order ({plan.rt_blocks} blocks per side);"
+        f" {plan.map_rounds} round(s) of the four `map` ways, in mirrored orders (ABCD,"
+        " DCBA); status and cold starts in ABBA order. Cold starts and memory run in a"
+        " fresh process each.",
+        "",
+        "## Summary",
+        "",
+        "Ratios: \"x time\" is flask-execute's time ÷ plain Celery's (below 1 is faster);"
+        " \"x faster\" is plain Celery's time ÷ flask-execute's. Medians unless stated;"
+        " `status()` and the cold start are judged on their worst sample; memory per"
+        " pending future on the Python heap it holds (the RSS figure next to it also counts"
+        " allocator memory freed during the submit but kept by the process).",
+        "",
+        table(rows),
+        "",
+    ]
+    missed = [r for r in rows if r.met is False]
+    out += ["## Targets not met", ""]
+    if missed:
+        out.append(
+            "These targets of issue 6 are **not met** by this run (no benchmark-specific"
+            " code path exists to make them look better):"
+        )
+        out.append("")
+        for r in missed:
+            out.append(
+                f"- {r.measurement}: flask-execute {r.fe}, plain Celery {r.plain}, {r.ratio};"
+                f" target {r.target}."
+            )
+    else:
+        out.append("None: every target of issue 6 is met by this run.")
+    out += ["", "## Details", ""]
+    out += _details(results, plan)
+    return "\n".join(out) + "\n"
+
+
+def _details(results: dict[str, t.Any], plan: Plan) -> list[str]:
+    out: list[str] = []
+    rt = results["roundtrip"]
+    out += [
+        "### Round trip (ms)",
+        "",
+        "| side | n | min | p50 | p90 | p99 | max | mean | client CPU / call |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for side, key in (("flask-execute", "fe"), ("plain", "plain")):
+        values = rt[f"{key}_ms"]
+        cpu_value = rt[f"{key}_cpu_ms"]
+        out.append(
+            f"| {side} | {len(values)} | {min(values):.2f} | {pct(values, 50):.2f} |"
+            f" {pct(values, 90):.2f} | {pct(values, 99):.2f} | {max(values):.2f} |"
+            f" {statistics.fmean(values):.2f} | {cpu_value:.2f} |"
+        )
+    out += [
+        "",
+        f"### `map` of {plan.map_n:,} calls (seconds; submit = until the call returned)",
+        "",
+        "| way | run | submit | collect | total | calls/s | Redis commands / call |"
+        " top commands / call |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    names = {
+        "fe": "flask-execute `map`",
+        "fe_chunk": f"flask-execute `map(chunksize={plan.map_chunksize})`",
+        "plain_loop": "plain `delay()` loop, then `get()` each",
+        "plain_group": "plain `group(...).apply_async().get()`",
+    }
+    for key, label in names.items():
+        for i, run in enumerate(results["map"][key], 1):
+            commands = run["commands"]
+            top = sorted(commands.items(), key=lambda kv: -kv[1])[:8]
+            top_text = ", ".join(f"{name} {count / plan.map_n:.2f}" for name, count in top)
+            out.append(
+                f"| {label} | {i} | {run['submit_s']:.2f} | {run['collect_s']:.2f} |"
+                f" {run['total_s']:.2f} | {plan.map_n / run['total_s']:,.0f} |"
+                f" {sum(commands.values()) / plan.map_n:.2f} | {top_text} |"
+            )
+    s = results["status"]
+    out += [
+        "",
+        "### `status()` (ms, every sample; one unmeasured call per side first)",
+        "",
+        f"- flask-execute `celery.status()`: {_list(s['fe'], '.1f')}",
+        f"- plain `control.ping(timeout=1)`: {_list(s['plain'], '.1f')}",
+        f"- plain `control.ping(timeout=1, limit=1)`: {_list(s['plain_limit'], '.1f')}",
+        "- first call in a fresh process (after the cold start), flask-execute"
+        f" `celery.status()`: {_list(results['cold']['fe_status'], '.1f')}",
+        "- first call in a fresh process (after the cold start), plain"
+        f" `control.ping(timeout=1)`: {_list(results['cold']['plain_status'], '.1f')}",
+        "",
+        "### First submit → first result on a fresh app (s, every sample)",
+        "",
+        "flask-execute: from `submit()` on a freshly imported app, whose first submit starts"
+        " its local worker and waits until it is ready, to `result()`. Plain: from spawning"
+        " `celery worker` (then `delay()` at once) to `get()`. Both in a fresh process.",
+        "",
+        f"- flask-execute: {_list(results['cold']['fe'], '.2f')}",
+        f"- plain Celery: {_list(results['cold']['plain'], '.2f')}",
+        "",
+        "### `map` cost growth (one fresh process per size; memory from /proc/self/status)",
+        "",
+        "Time: the median of the runs (memory: around the first run).",
+        "",
+        "| calls | chunksize | runs | submit s | collect s | total s | µs / call | peak RSS |"
+        " peak - baseline | per call |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for g in results["growth"]:
+        grown = (g["peak_rss_kb"] - g["base_rss_kb"]) * 1024
+        out.append(
+            f"| {g['size']:,} | {g['chunksize']} | {g['repeat']} | {g['submit_s']:.2f} |"
+            f" {g['collect_s']:.2f} |"
+            f" {g['total_s']:.2f} | {g['total_s'] / g['size'] * 1e6:.0f} |"
+            f" {g['peak_rss_kb'] / 1024:.1f} MiB | {grown / 2**20:.1f} MiB |"
+            f" {grown / g['size']:,.0f} B |"
+        )
+    out += [
+        "",
+        "### Memory held per pending call",
+        "",
+        "The calls go to a queue no worker consumes, so every one is pending while measured."
+        " Python heap: bytes still allocated after the submit returned (tracemalloc, started"
+        " just before it), per call. RSS: growth of the process's resident memory over the"
+        " same span, per call (includes freed-but-kept allocator memory).",
+        "",
+        "| side | calls | chunksize | pending | Python heap / call | RSS / call |",
+        "|---|---|---|---|---|---|",
+    ]
+    for p in results["parked"]:
+        heap, rss = _per_pending(p)
+        side = "flask-execute `map`" if p["side"] == "fe" else "plain `apply_async` loop"
+        out.append(
+            f"| {side} | {p['size']:,} | {p['chunksize'] or '—'} | {p['pending']:,} |"
+            f" {heap:,.0f} B | {rss:,.0f} B |"
+        )
+    c = results["codec"]
+    out += [
+        "",
+        "### Signing and serialization per call, isolated (µs, median)",
+        "",
+        "In-process, no Redis. Each step is also timed alone in a tight loop; on this"
+        " machine the three in sequence cost more than the sum of the three alone (the first"
+        " row is the figure to use).",
+        "",
+        "| step | µs |",
+        "|---|---|",
+        f"| flask-execute call: `dump_call` + `Codec.seal` + `Codec.open` | {c['fe_call']:.1f} |",
+        f"| … `dump_call` (cloudpickle of `(add, (i, i), {{}})`) | {c['dump_call']:.1f} |",
+        f"| … `Codec.seal` (header JSON, base64, HMAC-SHA256) | {c['seal']:.1f} |",
+        f"| … `Codec.open` (parse, checks, constant-time MAC compare) | {c['open']:.1f} |",
+        f"| flask-execute result: pickle + seal + open + unpickle | {c['fe_result']:.1f} |",
+        f"| plain Celery call body: kombu JSON dumps + loads | {c['plain_call']:.1f} |",
+        f"| plain Celery result meta: kombu JSON dumps + loads | {c['plain_result']:.1f} |",
+    ]
+    return out
+
+
+def _list(values: list[float], spec: str) -> str:
+    return ", ".join(format(v, spec) for v in values)
