@@ -29,6 +29,7 @@ __all__ = ["Handler", "Watcher", "make_watcher"]
 log = logging.getLogger(__name__)
 
 _SWEEP_EVERY = 5.0
+_DISPATCH_TASKS = frozenset({"flask_execute.dispatch", "flask_execute.dispatch_acks_late"})
 #: What a handler receives for a stored state that is not Celery's JSON (forged).
 UNREADABLE: dict[str, t.Any] = {"status": "FAILURE", "flask_execute_unreadable": True}
 
@@ -280,3 +281,27 @@ class QuietRedisBackend(RedisBackend):  # type: ignore[misc]
 
     def on_task_call(self, producer: t.Any, task_id: str) -> None:
         return None
+
+    def _store_result(
+        self,
+        task_id: str,
+        result: t.Any,
+        state: str,
+        traceback: t.Any = None,
+        request: t.Any = None,
+        **kwargs: t.Any,
+    ) -> t.Any:
+        # Celery reads the stored state first so that a duplicate run cannot overwrite
+        # a SUCCESS. Our dispatch tasks claim their task id before running (replays
+        # and finished redeliveries never run), so for them that read is a wasted
+        # round trip on every task.
+        if getattr(request, "task", None) not in _DISPATCH_TASKS or not hasattr(
+            self, "_set_with_state"
+        ):
+            return super()._store_result(task_id, result, state, traceback, request, **kwargs)
+        meta = self._get_result_meta(
+            result=result, state=state, traceback=traceback, request=request
+        )
+        meta["task_id"] = task_id
+        self._set_with_state(self.get_key_for_task(task_id), self.encode(meta), state)
+        return result
