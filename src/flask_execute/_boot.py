@@ -36,7 +36,7 @@ from flask import Flask
 from .local import BOOT_ENV
 from .local import CHILD_ENV
 from .local import LIFELINE_FD_ENV
-from .local import READY_FD_ENV
+from .processes import READY_FD_ENV
 
 __all__ = ["celery_app", "locate"]
 
