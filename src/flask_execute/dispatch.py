@@ -128,9 +128,9 @@ def execute(task: Task, state: _State, envelope: str) -> t.Any:
     except Retry:
         raise
     except BaseException:
-        state.finish_claim(task.request.id)
+        state.claims.finish(task.request.id)
         raise
-    state.finish_claim(task.request.id)
+    state.claims.finish(task.request.id)
     return outcome
 
 
@@ -146,7 +146,7 @@ def _admit(task: Task, state: _State, envelope: str) -> tuple[dict[str, t.Any], 
         raise _sealed_failure(state, tid, SerializationError(str(exc)), "") from None
     label = header.get("fn", "?")
     if not task.request.is_eager:
-        claim = state.claim(
+        claim = state.claims.claim(
             tid, task.request.retries or 0, late=task.name == DISPATCH_LATE, started=task.request
         )
         if claim == "cancelled":
@@ -218,7 +218,7 @@ def _run(task: Task, state: _State, header: dict[str, t.Any], payload: bytes) ->
     except Retry:
         # the next delivery of this task id is a legitimate retry: let it claim
         if not task.request.is_eager:
-            state.allow_retry(tid, (task.request.retries or 0) + 1)
+            state.claims.allow_retry(tid, (task.request.retries or 0) + 1)
         raise
     except _CONTROL_FLOW:
         raise

@@ -264,7 +264,7 @@ class Celery:
             return found
         future: Future[t.Any] = Future(task_id, state)
         state.watcher_or_error().watch(task_id, future, catch_up=True)
-        if not future.done() and future.state == "PENDING" and state.claimed(task_id):
+        if not future.done() and future.state == "PENDING" and state.claims.claimed(task_id):
             # it ran (a worker claimed it and would have stored STARTED at least), but
             # the backend has nothing any more: the result expired
             future._finish("FAILURE", exc=ResultExpired(task_id))
