@@ -220,7 +220,7 @@ def test_get_by_id(setup):
     unknown = celery.get("no-such-task-id")
     assert unknown.state == "PENDING"
     assert not unknown.running() and not unknown.done()
-    with pytest.raises(TimeoutError):
+    with pytest.raises(TimeoutError, match="knows nothing of this task id"):
         unknown.result(timeout=0.2)
 
 

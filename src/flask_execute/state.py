@@ -505,6 +505,11 @@ class _State:
         and whether any consumes its queue (asks them, for at most 0.3 s)."""
         if future.state != "PENDING":
             return ""
+        if future.name is None:  # from celery.get(): we never saw it sent
+            return (
+                " The result backend knows nothing of this task id: it is still queued,"
+                " was never submitted, or its result expired before any worker ran it."
+            )
         queue = future._queue or self.base_queue or self.controller.conf.task_default_queue
         try:
             replies = Inspect(self.controller).active_queues(timeout=0.3)
