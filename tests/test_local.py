@@ -358,3 +358,84 @@ def test_submit_before_init_app_is_a_clear_error():
     celery = Celery()
     with pytest.raises(RuntimeError, match="not registered on any app yet"):
         celery.submit(tasks.add, 1, 2)
+
+
+def test_flask_run_reloader_keeps_one_generation(tmp_path, broker_url, log_dir):
+    """`flask run --debug`: the reloader's watcher starts nothing; the serving child
+    starts workers on first use; a reload stops them (they ran the old code) and the
+    next request starts a fresh set."""
+    import urllib.request
+
+    from tests.conftest import free_port
+
+    (tmp_path / "rlapp.py").write_text(
+        textwrap.dedent(
+            f"""
+            from flask import Flask
+            from flask_execute import Celery
+
+            celery = Celery()
+
+            def create_app():
+                app = Flask(__name__)
+                app.config.update(SECRET_KEY="rl", CELERY_BROKER_URL={broker_url!r},
+                                  CELERY_LOG_DIR={log_dir!r}, CELERY_WORKERS=["reload"],
+                                  CELERY_FLOWER=False)
+                celery.init_app(app)
+
+                @app.post("/go")
+                def go():
+                    return str(celery.submit(pow, 2, 10).result(timeout=20))
+
+                return app
+            """
+        )
+    )
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flask", "--app", "rlapp:create_app", "run", "--debug",
+         "--port", str(port)],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), ROOT])},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+
+    def post():
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                request = urllib.request.Request(f"http://127.0.0.1:{port}/go", method="POST")
+                with urllib.request.urlopen(request, timeout=25) as response:
+                    return response.read().decode()
+            except OSError:
+                assert time.monotonic() < deadline, "the dev server did not answer"
+                time.sleep(0.2)
+
+    def worker_groups():
+        groups = set()
+        for pid in descendants(proc.pid):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if b"flask_execute.celery" in f.read():
+                        groups.add(os.getpgid(pid))
+            except (OSError, ProcessLookupError):
+                pass
+        return groups
+
+    try:
+        assert post() == "1024"
+        first = worker_groups()
+        assert len(first) == 1
+        (tmp_path / "rlapp.py").touch()  # the reloader restarts the serving child
+        deadline = time.monotonic() + 20
+        while worker_groups() & first:
+            assert time.monotonic() < deadline, "old workers survived the reload"
+            time.sleep(0.2)
+        assert post() == "1024"
+        second = worker_groups()
+        assert len(second) == 1 and not (second & first)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(20)
