@@ -9,7 +9,6 @@ import datetime
 import logging
 import os
 import pickle
-import secrets
 import sys
 import threading
 import time
@@ -41,6 +40,7 @@ from .errors import SignatureError
 from .futures import _Chunk
 from .futures import Future
 from .futures import READY
+from .keys import signing_keys
 from .local import CHILD_ENV
 from .local import EmbeddedRedis
 from .local import LocalServices
@@ -50,7 +50,6 @@ from .local import runtime_dir
 if t.TYPE_CHECKING:
     from .plugin import Celery
 from .serialization import Codec
-from .serialization import derive_key
 from .watcher import make_watcher
 from .watcher import Watcher
 
@@ -76,7 +75,7 @@ class _State:
         self.embedded_broker: EmbeddedRedis | None = None
         self.broker_url, self.backend_url = self._urls()
         self.codec = Codec(
-            *_signing_keys(app, self.settings, self.runtime_dir),
+            *signing_keys(app, self.settings, self.runtime_dir),
             max_size=self.settings.max_message_size,
         )
         self.locator = locate(app)
@@ -232,7 +231,7 @@ class _State:
 
     @property
     def codec_keys(self) -> tuple[bytes, list[bytes]]:
-        return _signing_keys(self.app, self.settings, self.runtime_dir)
+        return signing_keys(self.app, self.settings, self.runtime_dir)
 
     # --- local services -------------------------------------------------------------
     def worker_options(self, name: str, local: bool = True) -> dict[str, object]:
@@ -585,51 +584,3 @@ def _safe_url(url: str) -> str:
     from kombu.utils.url import maybe_sanitize_url
 
     return str(maybe_sanitize_url(url))
-
-
-def _signing_keys(
-    app: Flask, settings: config_module.Settings, rundir: str
-) -> tuple[bytes, list[bytes]]:
-    """(signing key, verify-only keys). The newest key signs; all verify."""
-    if settings.signing_keys:
-        key, *older = settings.signing_keys
-        return key, [*older, *settings.signing_key_fallbacks]
-    secret = app.config.get("SECRET_KEY")
-    if secret:
-        fallbacks = app.config.get("SECRET_KEY_FALLBACKS") or []
-        raw = [s.encode() if isinstance(s, str) else s for s in [secret, *fallbacks]]
-        derived = [derive_key(s) for s in raw]
-        return derived[0], [*derived[1:], *settings.signing_key_fallbacks]
-    development = settings.start_local_workers or settings.always_eager or app.debug or app.testing
-    if not development:
-        raise ConfigurationError(
-            "flask-execute signs every task and result and needs a key: set 'SECRET_KEY'"
-            " or 'CELERY_SIGNING_KEY' (the same value on the web and worker processes)."
-        )
-    return _development_key(app, rundir), list(settings.signing_key_fallbacks)
-
-
-def _development_key(app: Flask, rundir: str) -> bytes:
-    """A per-app random key created once (0600), shared by local workers. Created
-    atomically (hard link of a complete file), so racing processes agree on it."""
-    path = os.path.join(rundir, "signing.key")
-    for _ in range(3):
-        try:
-            with open(path, "rb") as f:
-                key = f.read()
-            if len(key) >= 32:
-                return key
-            os.unlink(path)  # truncated by a crash of its writer
-        except FileNotFoundError:
-            pass
-        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(secrets.token_bytes(32))
-        try:
-            os.link(tmp, path)  # fails if another process won the race: use theirs
-        except FileExistsError:
-            pass
-        finally:
-            os.unlink(tmp)
-    raise ConfigurationError(f"Could not create the development signing key {path}.")
