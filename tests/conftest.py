@@ -8,7 +8,6 @@ port (``FLASK_EXECUTE_TEST_REDIS=redis://host:port`` uses an existing server ins
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -16,16 +15,11 @@ from collections.abc import Iterator
 import pytest
 
 from flask_execute.local import EmbeddedRedis
+from flask_execute.processes import free_port
 
 _redis: EmbeddedRedis | None = None
 _tmp = tempfile.TemporaryDirectory(prefix="fe-tests-")
 LOG_DIR = os.path.join(_tmp.name, "logs")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -19,6 +19,7 @@ from .errors import ServiceStartError
 
 __all__ = [
     "Child",
+    "free_port",
     "log_tail",
     "runtime_dir",
     "spawn",
@@ -30,6 +31,15 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 READY_FD_ENV = "FLASK_EXECUTE_READY_FD"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def runtime_dir(key: str) -> str:

@@ -28,14 +28,14 @@ Fixtures (your test suite provides the ``app`` fixture, as with pytest-flask)::
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import typing as t
 from collections.abc import Iterator
 
 import pytest
 
-from .local import EmbeddedRedis
+from .embedded import EmbeddedRedis
+from .processes import free_port
 
 if t.TYPE_CHECKING:
     from flask import Flask
@@ -43,12 +43,6 @@ if t.TYPE_CHECKING:
     from .state import _State
 
 __all__ = ["flask_execute_broker", "flask_execute_eager", "flask_execute_worker"]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="session")
@@ -59,7 +53,7 @@ def flask_execute_broker() -> Iterator[str]:
         yield existing
         return
     with tempfile.TemporaryDirectory(prefix="flask-execute-broker-") as directory:
-        server = EmbeddedRedis(directory, port=_free_port())
+        server = EmbeddedRedis(directory, port=free_port())
         server.start()
         try:
             yield f"{server.url}/0"
