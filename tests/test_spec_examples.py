@@ -70,6 +70,11 @@ def test_workers_dict_queues_and_status(broker_url, log_dir):
         assert celery.submit(tasks.add, 1, 2).result(timeout=10) == 3
         assert celery.submit(tasks.add, 1, 2, queue="high-priority").result(timeout=10) == 3
         assert celery.submit(tasks.add, 1, 2, queue="low-priority").result(timeout=10) == 3
+        # routing: only foo consumes low-priority, only foo and bar high-priority
+        low = celery.map(tasks.worker_name, *[()] * 6, queue="low-priority").result(10)
+        assert set(low) == {f"foo@{host}"}
+        high = celery.map(tasks.worker_name, *[()] * 12, queue="high-priority").result(10)
+        assert set(high) <= {f"foo@{host}", f"bar@{host}"}
     finally:
         celery.stop()
 

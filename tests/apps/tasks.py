@@ -130,3 +130,8 @@ def incr(redis_url, key):
         client = redis.Redis.from_url(redis_url)
         incr.__dict__.setdefault("_clients", {})[redis_url] = client
     return client.incr(key)
+
+
+def worker_name():
+    """The node that ran it (routing checks)."""
+    return current_task.request.hostname
