@@ -128,37 +128,10 @@ class _State:
         self.controller.loader.override_backends = {"redis": quiet, "rediss": quiet}
         self.controller.flask_app = app
         self.controller.flask_execute = self
-        state = self
-
-        # track_started off: execute() reports STARTED itself, after the envelope checked
-        # out, so nothing is ever written under an unauthenticated task id.
-        @self.controller.task(  # type: ignore[untyped-decorator]
-            name=DISPATCH,
-            bind=True,
-            shared=False,
-            typing=False,
-            track_started=False,
-            acks_late=False,
-            Request=SafeRequest,
+        self.dispatch = self._register_dispatch(DISPATCH, acks_late=False)
+        self.dispatch_late = self._register_dispatch(
+            DISPATCH_LATE, acks_late=True, reject_on_worker_lost=True
         )
-        def dispatch(task: Task, *args: t.Any, **kwargs: t.Any) -> t.Any:
-            return dispatch_entry(task, state, args, kwargs)
-
-        @self.controller.task(  # type: ignore[untyped-decorator]
-            name=DISPATCH_LATE,
-            bind=True,
-            shared=False,
-            typing=False,
-            track_started=False,
-            acks_late=True,
-            reject_on_worker_lost=True,
-            Request=SafeRequest,
-        )
-        def dispatch_acks_late(task: Task, *args: t.Any, **kwargs: t.Any) -> t.Any:
-            return dispatch_entry(task, state, args, kwargs)
-
-        self.dispatch = dispatch
-        self.dispatch_late = dispatch_acks_late
         self.visibility_timeout = _visibility_timeout(self.controller, self.broker_url)
         _check_time_limit(self.controller, self.visibility_timeout)
         self._watcher: Watcher | None = None
@@ -174,6 +147,26 @@ class _State:
 
     def __repr__(self) -> str:
         return f"<flask-execute state of {self.app.import_name!r} broker={self.broker_url!r}>"
+
+    def _register_dispatch(self, name: str, **options: t.Any) -> Task:
+        """Register one dispatch task (the default one, or the at-least-once one)."""
+        state = self
+
+        # track_started off: execute() reports STARTED itself, after the envelope checked
+        # out, so nothing is ever written under an unauthenticated task id.
+        @self.controller.task(  # type: ignore[untyped-decorator]
+            name=name,
+            bind=True,
+            shared=False,
+            typing=False,
+            track_started=False,
+            Request=SafeRequest,
+            **options,
+        )
+        def dispatch(task: Task, *args: t.Any, **kwargs: t.Any) -> t.Any:
+            return dispatch_entry(task, state, args, kwargs)
+
+        return t.cast(Task, dispatch)
 
     # --- configuration -------------------------------------------------------------
     def _urls(self) -> tuple[str, str]:
