@@ -7,9 +7,12 @@ port (``FLASK_EXECUTE_TEST_REDIS=redis://host:port`` uses an existing server ins
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 import tempfile
 import time
+import types
 from collections.abc import Iterator
 
 import pytest
@@ -63,6 +66,39 @@ def broker_url(redis_url: str) -> str:
 @pytest.fixture(scope="session")
 def log_dir() -> str:
     return LOG_DIR
+
+
+class TmpModules:
+    """Write modules into a temporary directory on ``sys.path`` and import them;
+    ``sys.path`` and ``sys.modules`` are restored after the test. Local workers see
+    the directory too (they get the web process's ``sys.path``)."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.names: list[str] = []
+
+    def write(self, name: str, source: str) -> str:
+        path = os.path.join(self.directory, f"{name}.py")
+        with open(path, "w") as f:
+            f.write(source)
+        self.names.append(name)
+        return path
+
+    def load(self, name: str) -> types.ModuleType:
+        return importlib.import_module(name)
+
+
+@pytest.fixture
+def tmp_modules(tmp_path: object) -> Iterator[TmpModules]:
+    directory = str(tmp_path)
+    modules = TmpModules(directory)
+    sys.path.insert(0, directory)
+    try:
+        yield modules
+    finally:
+        sys.path.remove(directory)
+        for name in modules.names:
+            sys.modules.pop(name, None)
 
 
 # --- processes ---------------------------------------------------------------------

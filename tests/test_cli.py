@@ -79,8 +79,9 @@ def _flask(args, tmp_path, env=None, **kwargs):
     )
 
 
-def _write_app(tmp_path, broker_url, log_dir, workers="['cli']", extra=""):
-    (tmp_path / "cliapp.py").write_text(
+def _write_app(modules, broker_url, log_dir, workers="['cli']", extra=""):
+    modules.write(
+        "cliapp",
         textwrap.dedent(
             f"""
             from flask import Flask
@@ -97,7 +98,7 @@ def _write_app(tmp_path, broker_url, log_dir, workers="['cli']", extra=""):
                 return app
             """
         )
-        + extra
+        + extra,
     )
 
 
@@ -114,16 +115,14 @@ def _wait_for(proc, needle, timeout=30):
     raise AssertionError(f"{needle!r} not seen:\n" + "".join(lines))
 
 
-def test_worker_subprocess_with_options_from_config(tmp_path, broker_url, log_dir):
-    _write_app(tmp_path, broker_url, log_dir,
+def test_worker_subprocess_with_options_from_config(tmp_path, tmp_modules, broker_url, log_dir):
+    _write_app(tmp_modules, broker_url, log_dir,
                workers="{'foo': {'concurrency': 1, 'queues': ['special']}}")  # fmt: skip
     proc = _flask(["--app", "cliapp:create_app", "celery", "worker", "-n", "foo@%h"], tmp_path,
                   start_new_session=True)  # fmt: skip
     try:
         _wait_for(proc, "ready.")
-        sys.path.insert(0, str(tmp_path))
-        import cliapp
-
+        cliapp = tmp_modules.load("cliapp")
         app = cliapp.create_app()
         with app.app_context():
             (queues,) = cliapp.celery.inspect.active_queues().values()
@@ -138,16 +137,14 @@ def test_worker_subprocess_with_options_from_config(tmp_path, broker_url, log_di
         proc.wait(20)
         assert not wait_gone(group, 10)
     finally:
-        sys.path.remove(str(tmp_path))
-        sys.modules.pop("cliapp", None)
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         proc.stdout.close()
 
 
-def test_cluster_streams_logs_and_stops_on_sigterm(tmp_path, broker_url, log_dir):
-    _write_app(tmp_path, broker_url, str(tmp_path / "logs"), workers="['c1', 'c2']",
+def test_cluster_streams_logs_and_stops_on_sigterm(tmp_path, tmp_modules, broker_url, log_dir):
+    _write_app(tmp_modules, broker_url, str(tmp_path / "logs"), workers="['c1', 'c2']",
                extra="\n@celery.schedule(2.0)\ndef tick():\n    return 1\n")  # fmt: skip
     proc = _flask(["--app", "cliapp:create_app", "celery", "cluster"], tmp_path)
     try:
@@ -170,8 +167,8 @@ def test_cluster_streams_logs_and_stops_on_sigterm(tmp_path, broker_url, log_dir
         proc.stdout.close()
 
 
-def test_passthrough_subcommand(tmp_path, broker_url, log_dir):
-    _write_app(tmp_path, broker_url, log_dir)
+def test_passthrough_subcommand(tmp_path, tmp_modules, broker_url, log_dir):
+    _write_app(tmp_modules, broker_url, log_dir)
     proc = _flask(["--app", "cliapp:create_app", "celery", "report"], tmp_path)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
@@ -180,16 +177,16 @@ def test_passthrough_subcommand(tmp_path, broker_url, log_dir):
 
 
 @pytest.mark.parametrize("command", [["worker", "--help"], ["beat", "--help"]])
-def test_celery_help_passes_through(tmp_path, broker_url, log_dir, command):
-    _write_app(tmp_path, broker_url, log_dir)
+def test_celery_help_passes_through(tmp_path, tmp_modules, broker_url, log_dir, command):
+    _write_app(tmp_modules, broker_url, log_dir)
     proc = _flask(["--app", "cliapp:create_app", "celery", *command], tmp_path)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
     assert "--loglevel" in out
 
 
-def test_control_shutdown_is_not_an_error(tmp_path, broker_url, log_dir):
-    _write_app(tmp_path, broker_url, log_dir)
+def test_control_shutdown_is_not_an_error(tmp_path, tmp_modules, broker_url, log_dir):
+    _write_app(tmp_modules, broker_url, log_dir)
     worker = _flask(["--app", "cliapp:create_app", "celery", "worker", "-n", "bye@%h",
                      "--pool=solo"], tmp_path)  # fmt: skip
     try:

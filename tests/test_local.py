@@ -284,8 +284,9 @@ def test_python_app_script(tmp_path, broker_url, log_dir):
     assert not wait_gone(descendants() - before, 5)
 
 
-def test_celery_a_flask_execute_celery_with_flask_app(tmp_path, broker_url, log_dir):
-    (tmp_path / "cliapp.py").write_text(
+def test_celery_a_flask_execute_celery_with_flask_app(tmp_path, tmp_modules, broker_url, log_dir):
+    tmp_modules.write(
+        "cliapp",
         textwrap.dedent(
             f"""
             from flask import Flask
@@ -300,7 +301,7 @@ def test_celery_a_flask_execute_celery_with_flask_app(tmp_path, broker_url, log_
                 celery.init_app(app)
                 return app
             """
-        )
+        ),
     )
     worker = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "flask_execute.celery", "worker",
@@ -312,15 +313,12 @@ def test_celery_a_flask_execute_celery_with_flask_app(tmp_path, broker_url, log_
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )  # fmt: skip
-    sys.path.insert(0, str(tmp_path))
     try:
-        import cliapp
-
+        cliapp = tmp_modules.load("cliapp")
         app = cliapp.create_app()
         with app.app_context():
             assert cliapp.celery.submit(tasks.config_value, "WHO").result(30) == "cli-worker"
     finally:
-        sys.path.remove(str(tmp_path))
         worker.terminate()
         worker.wait(20)
 

@@ -274,10 +274,11 @@ def test_eager_delay_runs_inline():
         assert result.state == "SUCCESS"
 
 
-def test_delay_starts_local_workers(tmp_path, broker_url, log_dir):
+def test_delay_starts_local_workers(tmp_modules, broker_url, log_dir):
     import textwrap
 
-    (tmp_path / "delayapp.py").write_text(
+    tmp_modules.write(
+        "delayapp",
         textwrap.dedent(
             f"""
             from flask import Flask
@@ -293,17 +294,11 @@ def test_delay_starts_local_workers(tmp_path, broker_url, log_dir):
             def triple(x):
                 return 3 * x
             """
-        )
+        ),
     )
-    sys.path.insert(0, str(tmp_path))
+    delayapp = tmp_modules.load("delayapp")
     try:
-        import delayapp
-
-        try:
-            assert delayapp.triple.delay(3).get(timeout=20) == 9  # no start() before
-            assert delayapp.celery.task.triple.apply_async((4,)).get(timeout=10) == 12
-        finally:
-            delayapp.celery.stop()
+        assert delayapp.triple.delay(3).get(timeout=20) == 9  # no start() before
+        assert delayapp.celery.task.triple.apply_async((4,)).get(timeout=10) == 12
     finally:
-        sys.path.remove(str(tmp_path))
-        sys.modules.pop("delayapp", None)
+        delayapp.celery.stop()

@@ -27,7 +27,6 @@ import shutil
 import socket
 import sqlite3
 import stat
-import sys
 import textwrap
 import threading
 import time
@@ -865,10 +864,11 @@ def test_sec24_the_key_is_never_shown(direct):
 
 
 # --- issue 4, item 3: Flask-SQLAlchemy models --------------------------------------------------
-def test_models_travel_by_primary_key(tmp_path, broker_url, log_dir):
+def test_models_travel_by_primary_key(tmp_path, tmp_modules, broker_url, log_dir):
     pytest.importorskip("flask_sqlalchemy")
     database = tmp_path / "db.sqlite"
-    (tmp_path / "secmodels.py").write_text(
+    tmp_modules.write(
+        "secmodels",
         textwrap.dedent(
             f"""
             from flask import Flask
@@ -897,51 +897,42 @@ def test_models_travel_by_primary_key(tmp_path, broker_url, log_dir):
             def describe(item):
                 return item.id, item.name, db.session.get(Item, item.id) is item
             """
-        )
+        ),
     )
-    sys.path.insert(0, str(tmp_path))
-    try:
-        import secmodels
-
-        app = secmodels.create_app()
-        strict = secmodels.create_app(
-            CELERY_SANITIZE_ARGUMENTS=False, CELERY_START_LOCAL_WORKERS=False
-        )
-        with app.app_context():
-            secmodels.db.create_all()
-            item = secmodels.Item(name="first")
-            secmodels.db.session.add(item)
-            secmodels.db.session.commit()
-            assert item.name == "first"
-            with sqlite3.connect(database) as connection:  # changed behind the session
-                connection.execute("UPDATE item SET name = 'renamed' WHERE id = ?", (item.id,))
-            try:
-                found = secmodels.celery.submit(secmodels.describe, item).result(timeout=20)
-                assert found == (item.id, "renamed", True)  # queried again on the worker
-                unsaved = secmodels.Item(name="never committed")
-                with pytest.raises(SerializationError) as info:
-                    secmodels.celery.submit(secmodels.describe, unsaved, queue=NOBODY)
-                message = str(info.value)
-                assert message.startswith(
-                    "Argument 'item' (position 0) of secmodels:describe cannot be serialized"
-                    " (Item value): SerializationError: The Item instance has no primary key"
-                    " yet (it was never saved): commit it before submitting"
-                )
-            finally:
-                secmodels.celery.stop()
-        with strict.app_context():
+    secmodels = tmp_modules.load("secmodels")
+    app = secmodels.create_app()
+    strict = secmodels.create_app(CELERY_SANITIZE_ARGUMENTS=False, CELERY_START_LOCAL_WORKERS=False)
+    with app.app_context():
+        secmodels.db.create_all()
+        item = secmodels.Item(name="first")
+        secmodels.db.session.add(item)
+        secmodels.db.session.commit()
+        assert item.name == "first"
+        with sqlite3.connect(database) as connection:  # changed behind the session
+            connection.execute("UPDATE item SET name = 'renamed' WHERE id = ?", (item.id,))
+        try:
+            found = secmodels.celery.submit(secmodels.describe, item).result(timeout=20)
+            assert found == (item.id, "renamed", True)  # queried again on the worker
+            unsaved = secmodels.Item(name="never committed")
             with pytest.raises(SerializationError) as info:
-                secmodels.celery.submit(secmodels.describe, item, queue=NOBODY)
-            assert (
-                "A model instance (Item) cannot be sent to a worker: pass its primary key"
-                in str(info.value)
+                secmodels.celery.submit(secmodels.describe, unsaved, queue=NOBODY)
+            message = str(info.value)
+            assert message.startswith(
+                "Argument 'item' (position 0) of secmodels:describe cannot be serialized"
+                " (Item value): SerializationError: The Item instance has no primary key"
+                " yet (it was never saved): commit it before submitting"
             )
-        client = redis.Redis.from_url(broker_url)
-        assert client.llen(NOBODY) == 0
-        client.close()
-    finally:
-        sys.path.remove(str(tmp_path))
-        sys.modules.pop("secmodels", None)
+        finally:
+            secmodels.celery.stop()
+    with strict.app_context():
+        with pytest.raises(SerializationError) as info:
+            secmodels.celery.submit(secmodels.describe, item, queue=NOBODY)
+        assert "A model instance (Item) cannot be sent to a worker: pass its primary key" in str(
+            info.value
+        )
+    client = redis.Redis.from_url(broker_url)
+    assert client.llen(NOBODY) == 0
+    client.close()
 
 
 # --- issue 4, item 4: bad inputs, answered -------------------------------------------------------

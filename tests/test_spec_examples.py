@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import sys
 import textwrap
 
 import pytest
@@ -96,9 +95,10 @@ def test_worker_count_and_names(workers, broker_url, log_dir):
         celery.stop()
 
 
-def test_flask_sqlalchemy_session_in_tasks(tmp_path, broker_url, log_dir):
+def test_flask_sqlalchemy_session_in_tasks(tmp_path, tmp_modules, broker_url, log_dir):
     pytest.importorskip("flask_sqlalchemy")
-    (tmp_path / "dbapp.py").write_text(
+    tmp_modules.write(
+        "dbapp",
         textwrap.dedent(
             f"""
             from flask import Flask
@@ -131,25 +131,19 @@ def test_flask_sqlalchemy_session_in_tasks(tmp_path, broker_url, log_dir):
                 db.session.commit()
                 return db.session.query(Item).filter_by(name=name).one().id
             """
-        )
+        ),
     )
-    sys.path.insert(0, str(tmp_path))
-    try:
-        import dbapp
-
-        app = dbapp.create_app()
-        with app.app_context():
-            dbapp.db.create_all()
-            dbapp.db.session.add(dbapp.Item(name="first"))
-            dbapp.db.session.commit()
-            try:
-                assert dbapp.celery.submit(dbapp.count_items).result(timeout=20) == 1
-                item_id = dbapp.celery.submit(dbapp.add_item, "second").result(timeout=20)
-                assert dbapp.db.session.get(dbapp.Item, item_id).name == "second"
-                counts = dbapp.celery.map(dbapp.count_items, *[()] * 4).result(timeout=20)
-                assert counts == [2] * 4
-            finally:
-                dbapp.celery.stop()
-    finally:
-        sys.path.remove(str(tmp_path))
-        sys.modules.pop("dbapp", None)
+    dbapp = tmp_modules.load("dbapp")
+    app = dbapp.create_app()
+    with app.app_context():
+        dbapp.db.create_all()
+        dbapp.db.session.add(dbapp.Item(name="first"))
+        dbapp.db.session.commit()
+        try:
+            assert dbapp.celery.submit(dbapp.count_items).result(timeout=20) == 1
+            item_id = dbapp.celery.submit(dbapp.add_item, "second").result(timeout=20)
+            assert dbapp.db.session.get(dbapp.Item, item_id).name == "second"
+            counts = dbapp.celery.map(dbapp.count_items, *[()] * 4).result(timeout=20)
+            assert counts == [2] * 4
+        finally:
+            dbapp.celery.stop()
