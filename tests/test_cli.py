@@ -154,10 +154,12 @@ def test_cluster_streams_logs_and_stops_on_sigterm(tmp_path, tmp_modules, broker
         _wait_for(proc, "Sending due task")  # beat's own log line, streamed
         children = descendants(proc.pid)
         assert len(children) >= 5  # 2 workers (+ pool children) and beat
-        start = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        proc.wait(20)
-        assert time.monotonic() - start < 15
+        # Warm shutdown takes a second or two. Rarely, Celery's main process hangs
+        # joining a pool child when a task arrives as it shuts down; the stop then
+        # escalates (SIGQUIT after 10 s, SIGKILL 5 s later: test_local covers it), so the
+        # bound here is the escalation's, not a performance figure.
+        proc.wait(40)
         assert proc.returncode == 0
         assert not wait_gone(children, 10)
     finally:

@@ -437,3 +437,39 @@ def test_flask_run_reloader_keeps_one_generation(tmp_path, broker_url, log_dir):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(20)
+
+
+STUCK_MAIN = """
+import os, signal, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # warm shutdown that never ends
+signal.signal(signal.SIGQUIT, signal.SIG_IGN)  # cold shutdown that never ends
+if os.fork() == 0:  # a pool child of the same process group, never told to exit
+    while True:
+        time.sleep(1)
+os.write(int(os.environ[{env!r}]), b"R")
+while True:
+    time.sleep(1)
+"""
+
+
+def test_stop_escalates_past_a_stuck_shutdown(tmp_path, caplog):
+    """A worker whose warm and cold shutdowns both hang (Celery's main process joining a
+    pool child that never exits) is killed with its whole process group, in bounded time."""
+    from flask_execute.processes import READY_FD_ENV
+    from flask_execute.processes import spawn
+    from flask_execute.processes import terminate
+    from flask_execute.processes import wait_ready
+
+    script = STUCK_MAIN.format(env=READY_FD_ENV)
+    child = spawn("stuck", [sys.executable, "-c", script], str(tmp_path / "stuck.log"),
+                  env=dict(os.environ), ready=True)  # fmt: skip
+    wait_ready([child], time.monotonic() + 20)
+    group = descendants(child.pid) | {child.pid}
+    assert len(group) == 2
+    with caplog.at_level("WARNING", logger="flask_execute.processes"):
+        terminate([child], timeout=0.5)
+    assert child.process.returncode == -signal.SIGKILL
+    assert not wait_gone(group, 5)
+    sent = [r.getMessage() for r in caplog.records]
+    assert [m.rsplit(" ", 1)[-1] for m in sent] == ["SIGQUIT", "SIGKILL"], sent
+    assert all(f"stuck (pid {child.pid}) still running" in m for m in sent)
