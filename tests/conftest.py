@@ -11,8 +11,10 @@ import importlib
 import os
 import sys
 import tempfile
+import textwrap
 import time
 import types
+import typing as t
 from collections.abc import Iterator
 
 import pytest
@@ -87,6 +89,25 @@ class TmpModules:
     def load(self, name: str) -> types.ModuleType:
         return importlib.import_module(name)
 
+    def write_factory_app(self, name: str, config: dict[str, object], extra: str = "") -> str:
+        """Write an app-factory module: ``celery = Celery()`` and a ``create_app()``
+        applying ``config`` then ``celery.init_app(app)``; ``extra`` is appended."""
+        source = textwrap.dedent(
+            f"""
+            from flask import Flask
+            from flask_execute import Celery
+
+            celery = Celery()
+
+            def create_app():
+                app = Flask(__name__)
+                app.config.update({config!r})
+                celery.init_app(app)
+                return app
+            """
+        )
+        return self.write(name, source + extra)
+
 
 @pytest.fixture
 def tmp_modules(tmp_path: object) -> Iterator[TmpModules]:
@@ -137,6 +158,17 @@ def wait_gone(pids: set[int], timeout: float = 15.0) -> set[int]:
         if alive:
             time.sleep(0.05)
     return alive
+
+
+def progress_seen(future: t.Any) -> set[int]:
+    """Wait for ``future`` (a task reporting ``{"done": n}``), returning every ``done``
+    count seen in its PROGRESS state on the way."""
+    seen = set()
+    while not future.done():
+        if future.state == "PROGRESS":
+            seen.add(future.info["done"])
+        time.sleep(0.01)
+    return seen
 
 
 def _alive(pid: int) -> bool:

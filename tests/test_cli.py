@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import pytest
@@ -79,27 +78,11 @@ def _flask(args, tmp_path, env=None, **kwargs):
     )
 
 
-def _write_app(modules, broker_url, log_dir, workers="['cli']", extra=""):
-    modules.write(
-        "cliapp",
-        textwrap.dedent(
-            f"""
-            from flask import Flask
-            from flask_execute import Celery
-
-            celery = Celery()
-
-            def create_app():
-                app = Flask(__name__)
-                app.config.update(SECRET_KEY="cli", CELERY_BROKER_URL={broker_url!r},
-                                  CELERY_LOG_DIR={log_dir!r}, CELERY_WORKERS={workers},
-                                  CELERY_FLOWER=False, CELERY_START_LOCAL_WORKERS=False)
-                celery.init_app(app)
-                return app
-            """
-        )
-        + extra,
-    )
+def _write_app(modules, broker_url, log_dir, workers=None, extra=""):
+    config = dict(SECRET_KEY="cli", CELERY_BROKER_URL=broker_url, CELERY_LOG_DIR=log_dir,
+                  CELERY_WORKERS=workers or ["cli"], CELERY_FLOWER=False,
+                  CELERY_START_LOCAL_WORKERS=False)  # fmt: skip
+    modules.write_factory_app("cliapp", config, extra)
 
 
 def _wait_for(proc, needle, timeout=30):
@@ -117,7 +100,7 @@ def _wait_for(proc, needle, timeout=30):
 
 def test_worker_subprocess_with_options_from_config(tmp_path, tmp_modules, broker_url, log_dir):
     _write_app(tmp_modules, broker_url, log_dir,
-               workers="{'foo': {'concurrency': 1, 'queues': ['special']}}")  # fmt: skip
+               workers={"foo": {"concurrency": 1, "queues": ["special"]}})  # fmt: skip
     proc = _flask(["--app", "cliapp:create_app", "celery", "worker", "-n", "foo@%h"], tmp_path,
                   start_new_session=True)  # fmt: skip
     try:
@@ -144,7 +127,7 @@ def test_worker_subprocess_with_options_from_config(tmp_path, tmp_modules, broke
 
 
 def test_cluster_streams_logs_and_stops_on_sigterm(tmp_path, tmp_modules, broker_url, log_dir):
-    _write_app(tmp_modules, broker_url, str(tmp_path / "logs"), workers="['c1', 'c2']",
+    _write_app(tmp_modules, broker_url, str(tmp_path / "logs"), workers=["c1", "c2"],
                extra="\n@celery.schedule(2.0)\ndef tick():\n    return 1\n")  # fmt: skip
     proc = _flask(["--app", "cliapp:create_app", "celery", "cluster"], tmp_path)
     try:

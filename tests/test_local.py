@@ -19,6 +19,10 @@ from flask_execute import BrokerUnavailable
 from flask_execute import Celery
 from flask_execute import ServiceStartError
 from flask_execute import TaskTimeoutError
+from flask_execute.processes import READY_FD_ENV
+from flask_execute.processes import spawn
+from flask_execute.processes import terminate
+from flask_execute.processes import wait_ready
 from tests.apps import tasks
 from tests.conftest import descendants
 from tests.conftest import wait_gone
@@ -285,24 +289,9 @@ def test_python_app_script(tmp_path, broker_url, log_dir):
 
 
 def test_celery_a_flask_execute_celery_with_flask_app(tmp_path, tmp_modules, broker_url, log_dir):
-    tmp_modules.write(
-        "cliapp",
-        textwrap.dedent(
-            f"""
-            from flask import Flask
-            from flask_execute import Celery
-
-            celery = Celery()
-
-            def create_app():
-                app = Flask(__name__)
-                app.config.update(SECRET_KEY="cli", CELERY_BROKER_URL={broker_url!r},
-                                  CELERY_START_LOCAL_WORKERS=False, WHO="cli-worker")
-                celery.init_app(app)
-                return app
-            """
-        ),
-    )
+    config = dict(SECRET_KEY="cli", CELERY_BROKER_URL=broker_url,
+                  CELERY_START_LOCAL_WORKERS=False, WHO="cli-worker")  # fmt: skip
+    tmp_modules.write_factory_app("cliapp", config)
     worker = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "flask_execute.celery", "worker",
          "-n", "cli@%h", "--pool=solo", "--without-mingle", "--loglevel=INFO"],
@@ -455,11 +444,6 @@ while True:
 def test_stop_escalates_past_a_stuck_shutdown(tmp_path, caplog):
     """A worker whose warm and cold shutdowns both hang (Celery's main process joining a
     pool child that never exits) is killed with its whole process group, in bounded time."""
-    from flask_execute.processes import READY_FD_ENV
-    from flask_execute.processes import spawn
-    from flask_execute.processes import terminate
-    from flask_execute.processes import wait_ready
-
     script = STUCK_MAIN.format(env=READY_FD_ENV)
     child = spawn("stuck", [sys.executable, "-c", script], str(tmp_path / "stuck.log"),
                   env=dict(os.environ), ready=True)  # fmt: skip

@@ -15,6 +15,7 @@ from flask import Flask
 from flask_execute import Celery
 from tests.apps import tasks
 from tests.conftest import keep_alive
+from tests.conftest import progress_seen
 
 AMQP_URL = os.environ.get("FLASK_EXECUTE_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672//")
 
@@ -76,11 +77,7 @@ def test_submit_map_and_errors(rabbit):
 def test_progress_and_status(rabbit):
     app, celery = rabbit
     future = celery.submit(tasks.report_progress, 4, 0.1)
-    seen = set()
-    while not future.done():
-        if future.state == "PROGRESS":
-            seen.add(future.info["done"])
-        time.sleep(0.01)
+    seen = progress_seen(future)
     assert future.result() == 4 and seen
     status = celery.status()
     assert list(status.values()) == ["OK"] and next(iter(status)).startswith("rabbit@")

@@ -14,6 +14,7 @@ from flask_execute import Future
 from flask_execute import RemoteTraceback
 from flask_execute import SerializationError
 from tests.apps import tasks
+from tests.conftest import progress_seen
 
 
 def test_submit_forms(setup):
@@ -125,11 +126,7 @@ def test_running_and_progress(setup, tmp_path):
     assert future.done() and not future.running()
 
     future = celery.submit(tasks.report_progress, 5, 0.1)
-    seen = set()
-    while not future.done():
-        if future.state == "PROGRESS":
-            seen.add(future.info["done"])
-        time.sleep(0.01)
+    seen = progress_seen(future)
     assert future.result(1) == 5
     assert len(seen) >= 2 and seen <= {1, 2, 3, 4, 5}
 
