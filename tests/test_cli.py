@@ -34,7 +34,7 @@ def test_status_exit_code_when_no_worker(broker_url):
     from flask_execute import Celery
 
     app = Flask("lonely")
-    app.config.update(SECRET_KEY="x", CELERY_BROKER_URL=broker_url,
+    app.config.update(SECRET_KEY="x-secret-for-tests", CELERY_BROKER_URL=broker_url,
                       CELERY_START_LOCAL_WORKERS=False)  # fmt: skip
     Celery(app)
     result = app.test_cli_runner().invoke(args=["celery", "status", "--timeout", "0.3"])
@@ -79,7 +79,8 @@ def _flask(args, tmp_path, env=None, **kwargs):
 
 
 def _write_app(modules, broker_url, log_dir, workers=None, extra=""):
-    config = dict(SECRET_KEY="cli", CELERY_BROKER_URL=broker_url, CELERY_LOG_DIR=log_dir,
+    config = dict(SECRET_KEY="cli-secret-for-tests", CELERY_BROKER_URL=broker_url,
+                  CELERY_LOG_DIR=log_dir,
                   CELERY_WORKERS=workers or ["cli"], CELERY_FLOWER=False,
                   CELERY_START_LOCAL_WORKERS=False)  # fmt: skip
     modules.write_factory_app("cliapp", config, extra)

@@ -33,7 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def make_app(broker_url, log_dir, **config):
     app = Flask("local_test_app")
     app.config.update(
-        SECRET_KEY="local-secret",
+        SECRET_KEY="local-secret-for-tests",
         CELERY_BROKER_URL=broker_url,
         CELERY_LOG_DIR=log_dir,
         CELERY_WORKERS=["solo"],
@@ -216,7 +216,8 @@ def _read_ready(proc, timeout=30):
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_services_die_with_the_web_process(sig, broker_url, log_dir):
-    config = {"SECRET_KEY": "k", "CELERY_BROKER_URL": broker_url, "CELERY_LOG_DIR": log_dir,
+    config = {"SECRET_KEY": "k-secret-for-tests", "CELERY_BROKER_URL": broker_url,
+              "CELERY_LOG_DIR": log_dir,
               "CELERY_WORKERS": ["orphan"], "CELERY_FLOWER": False}  # fmt: skip
     proc = _webproc(config, "start")
     pids, _ = _read_ready(proc)
@@ -230,7 +231,8 @@ def test_services_die_with_the_web_process(sig, broker_url, log_dir):
 
 
 def test_two_web_processes_share_one_set(broker_url, log_dir, tmp_path):
-    config = {"SECRET_KEY": "k", "CELERY_BROKER_URL": broker_url, "CELERY_LOG_DIR": log_dir,
+    config = {"SECRET_KEY": "k-secret-for-tests", "CELERY_BROKER_URL": broker_url,
+              "CELERY_LOG_DIR": log_dir,
               "CELERY_WORKERS": ["shared"], "CELERY_FLOWER": False}  # fmt: skip
     release = tmp_path / "release"
     procs = [_webproc(config, "submit", str(release)) for _ in range(3)]
@@ -261,7 +263,7 @@ def test_python_app_script(tmp_path, broker_url, log_dir):
             from flask_execute import Celery
 
             app = Flask(__name__)
-            app.config.update(SECRET_KEY="s", CELERY_BROKER_URL={broker_url!r},
+            app.config.update(SECRET_KEY="s-secret-for-tests", CELERY_BROKER_URL={broker_url!r},
                               CELERY_LOG_DIR={log_dir!r}, CELERY_WORKERS=["script"],
                               CELERY_FLOWER=False, GREETING="hello")
             celery = Celery(app)
@@ -289,7 +291,7 @@ def test_python_app_script(tmp_path, broker_url, log_dir):
 
 
 def test_celery_a_flask_execute_celery_with_flask_app(tmp_path, tmp_modules, broker_url, log_dir):
-    config = dict(SECRET_KEY="cli", CELERY_BROKER_URL=broker_url,
+    config = dict(SECRET_KEY="cli-secret-for-tests", CELERY_BROKER_URL=broker_url,
                   CELERY_START_LOCAL_WORKERS=False, WHO="cli-worker")  # fmt: skip
     tmp_modules.write_factory_app("cliapp", config)
     worker = subprocess.Popen(
@@ -335,7 +337,7 @@ def test_production_without_key_refuses():
 
 def test_second_registration_refused():
     app = Flask("twice")
-    app.config["SECRET_KEY"] = "x"
+    app.config["SECRET_KEY"] = "x-secret-for-tests"
     Celery(app)
     with pytest.raises(RuntimeError, match="already been registered"):
         Celery(app)
@@ -365,7 +367,8 @@ def test_flask_run_reloader_keeps_one_generation(tmp_path, broker_url, log_dir):
 
             def create_app():
                 app = Flask(__name__)
-                app.config.update(SECRET_KEY="rl", CELERY_BROKER_URL={broker_url!r},
+                app.config.update(SECRET_KEY="rl-secret-for-tests",
+                                  CELERY_BROKER_URL={broker_url!r},
                                   CELERY_LOG_DIR={log_dir!r}, CELERY_WORKERS=["reload"],
                                   CELERY_FLOWER=False)
                 celery.init_app(app)

@@ -41,7 +41,7 @@ def rabbit(redis_url, log_dir):
     queue = f"fe-test-{uuid.uuid4().hex[:8]}"
     app = Flask("rabbit_app")
     app.config.update(
-        SECRET_KEY="rabbit",
+        SECRET_KEY="rabbit-secret-for-tests",
         CELERY_BROKER_URL=AMQP_URL,
         CELERY_RESULT_BACKEND=f"{redis_url}/12",
         CELERY_TASK_DEFAULT_QUEUE=queue,

@@ -22,7 +22,7 @@ from tests.conftest import free_port
 def make_app(broker_url, log_dir, name="rel", **config):
     app = Flask(f"reliability_{name}")
     app.config.update(
-        SECRET_KEY="rel", CELERY_BROKER_URL=broker_url, CELERY_LOG_DIR=log_dir,
+        SECRET_KEY="rel-secret-for-tests", CELERY_BROKER_URL=broker_url, CELERY_LOG_DIR=log_dir,
         CELERY_WORKERS={name: {"concurrency": 2}}, CELERY_FLOWER=False,
     )  # fmt: skip
     app.config.update(config)
@@ -95,7 +95,7 @@ def test_at_least_once_refuses_what_would_run_twice(broker_url, log_dir):
         celery.submit(tasks.add, 1, 2, acks_late=True, time_limit=90)
     bad = Flask("bad_limits")
     bad.config.update(
-        SECRET_KEY="x", CELERY_BROKER_URL=broker_url, CELERY_TASK_ACKS_LATE=True,
+        SECRET_KEY="x-secret-for-tests", CELERY_BROKER_URL=broker_url, CELERY_TASK_ACKS_LATE=True,
         CELERY_TASK_TIME_LIMIT=7200,
     )  # fmt: skip
     with pytest.raises(ConfigurationError, match="'CELERY_TASK_TIME_LIMIT' \\(7200 s\\)"):

@@ -20,7 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def app(flask_execute_broker, log_dir):
     app = Flask("plugin_user_app")
     app.config.update(
-        SECRET_KEY="user", CELERY_BROKER_URL=flask_execute_broker, CELERY_LOG_DIR=log_dir,
+        SECRET_KEY="user-secret-for-tests", CELERY_BROKER_URL=flask_execute_broker,
+        CELERY_LOG_DIR=log_dir,
         CELERY_WORKERS=["plugin"], CELERY_FLOWER=False, CELERY_START_LOCAL_WORKERS=False,
     )  # fmt: skip
     Celery(app)
