@@ -135,7 +135,8 @@ class Target:
         and ``header`` fields replace the app's key and header fields."""
         task_id = task_id or str(uuid.uuid4())
         payload, by_value = dump_call(func, args, {})
-        fields = {"fn": function_label(func), "task": DISPATCH, **header}
+        fields = {"fn": function_label(func), "task": DISPATCH, "root": task_id, "parent": None}
+        fields.update(header)
         codec = codec or self.state.codec
         return task_id, codec.seal("call", task_id, payload, by_value=by_value, extra=fields)
 

@@ -50,10 +50,16 @@ def _port(key: str, value: object) -> int:
     _fail(key, "a TCP port number (1-65535)", value)
 
 
-def _optional_str(key: str, value: object) -> str | None:
-    if value is None or isinstance(value, str):
+def _optional_url(key: str, value: object) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip():
         return value
-    _fail(key, "a string or None", value)
+    if isinstance(value, str):
+        # an unset environment variable read with a default of '': Celery would quietly
+        # use whatever answers on localhost
+        _fail(key, "a URL such as 'redis://host:6379/0', or None (unset) for the default", value)
+    _fail(key, "a URL string or None", value)
 
 
 def _str(key: str, value: object) -> str:
@@ -88,9 +94,20 @@ def _signing_keys(key: str, value: object) -> list[bytes]:
     if isinstance(value, (list, tuple)) and all(isinstance(v, (str, bytes)) for v in value):
         if not all(value):
             # an empty key (often an unset environment variable) would let anyone sign
-            _fail(key, "a non-empty key (str or bytes) or a list of non-empty keys", value)
+            raise ConfigurationError(
+                f"{key!r} must be a non-empty key (str or bytes) or a list of non-empty keys;"
+                " got an empty one."
+            )
         return [v.encode() if isinstance(v, str) else v for v in value]
-    _fail(key, "a key (str or bytes) or a list of keys", value)
+    # never the value: it may hold a key
+    shown = (
+        type(value).__name__
+        if not isinstance(value, (list, tuple))
+        else "a list holding " + (", ".join(sorted({type(v).__name__ for v in value})))
+    )
+    raise ConfigurationError(
+        f"{key!r} must be a key (str or bytes) or a list of keys; got {shown}."
+    )
 
 
 # --- worker options ---------------------------------------------------------------
@@ -205,13 +222,13 @@ KEYS: tuple[Key, ...] = (
     Key(
         "CELERY_BROKER_URL",
         None,
-        _optional_str,
+        _optional_url,
         f"Broker URL. Unset: {DEFAULT_BROKER_URL}, or the embedded Redis in development",
     ),
     Key(
         "CELERY_RESULT_BACKEND",
         None,
-        _optional_str,
+        _optional_url,
         "Result backend URL. Unset: the broker URL when it is Redis",
     ),
     Key(
@@ -348,10 +365,10 @@ def load(config: Mapping[str, object]) -> Settings:
         eager = _bool("CELERY['task_always_eager']", nested["task_always_eager"]) or eager
     broker = values["CELERY_BROKER_URL"]
     backend = values["CELERY_RESULT_BACKEND"]
-    broker = broker or _optional_str("BROKER_URL", config.get("BROKER_URL"))  # Celery's old name
+    broker = broker or _optional_url("BROKER_URL", config.get("BROKER_URL"))  # Celery's old name
     if nested:
-        broker = broker or _optional_str("CELERY['broker_url']", nested.get("broker_url"))
-        backend = backend or _optional_str("CELERY['result_backend']", nested.get("result_backend"))
+        broker = broker or _optional_url("CELERY['broker_url']", nested.get("broker_url"))
+        backend = backend or _optional_url("CELERY['result_backend']", nested.get("result_backend"))
     return Settings(
         broker_url=broker,  # type: ignore[arg-type]
         result_backend=backend,  # type: ignore[arg-type]

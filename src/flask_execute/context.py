@@ -18,7 +18,7 @@ from werkzeug.local import LocalProxy
 if t.TYPE_CHECKING:
     from flask import Flask
 
-__all__ = ["current_task", "make_task_class"]
+__all__ = ["current_task", "eager_run_active", "make_task_class"]
 
 _no_task_msg = """\
 Working outside of a task.
@@ -38,6 +38,13 @@ current_task: Task = LocalProxy(_cv_task, unbound_message=_no_task_msg)
 _eager_listeners: ContextVar[t.Callable[[str, object], None] | None] = ContextVar(
     "flask_execute.eager_listener", default=None
 )
+
+
+def eager_run_active() -> bool:
+    """True while this thread runs a task eagerly (``CELERY_ALWAYS_EAGER``) for a call of
+    ours. This, never Celery's ``request.is_eager`` (a message field anyone who can write
+    to the broker can set), tells the dispatch task that no broker is involved."""
+    return _eager_listeners.get() is not None
 
 
 def make_task_class(flask_app: Flask, base: type[Task] | None) -> type[Task]:

@@ -21,10 +21,13 @@ from celery.exceptions import Ignore
 from celery.exceptions import Reject
 from celery.exceptions import Retry
 from celery.worker.request import Request as CeleryRequest
+from celery.worker.state import task_ready
 
+from .context import eager_run_active
 from .errors import RemoteError
 from .errors import SerializationError
 from .errors import SignatureError
+from .message_fields import unsigned_field_problem
 from .serialization import dump_exception
 from .serialization import dumps
 from .serialization import format_exception
@@ -46,11 +49,34 @@ _CONTROL_FLOW = (Retry, Ignore, Reject)
 
 
 class SafeRequest(CeleryRequest):  # type: ignore[misc]
-    """Requests of the dispatch tasks: ``inspect active/reserved/scheduled`` (and so
-    Flower) show ``<module:qualname>``, never the envelope with the pickled arguments."""
+    """Requests of the dispatch tasks, in the worker's main process.
+
+    ``inspect active/reserved/scheduled`` (and so Flower) show ``<module:qualname>``,
+    never the envelope with the pickled arguments. Before a message reaches the pool,
+    its unsigned fields are checked (:func:`unsigned_field_problem`): a message that
+    carries request fields we never send is logged at CRITICAL, acknowledged and
+    dropped, and nothing of it runs.
+    """
 
     def info(self, safe: bool = False) -> dict[str, t.Any]:
         return t.cast(dict[str, t.Any], super().info(safe=True))
+
+    def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.field_problem = unsigned_field_problem(self.message.headers or {}, self._payload[2])
+        self._field_rejected = False
+
+    def revoked(self) -> bool:
+        # Celery asks this of every request before it hands it to the pool (and skips
+        # it when true): where a message with fields we never send is dropped
+        if self.field_problem is None:
+            return bool(super().revoked())
+        if not self._field_rejected:
+            self._field_rejected = True
+            log_rejection(self.id, "unsigned_field", f"Unsigned fields: {self.field_problem}")
+            self.reject(requeue=False)  # acknowledged: never delivered again
+            task_ready(self)
+        return True
 
 
 def dispatch_entry(task: Task, state: _State, args: tuple[t.Any, ...],
@@ -105,56 +131,80 @@ def make_carrier(exc: BaseException, envelope: str) -> Exception:
     return carrier_cls(message, {"flask_execute": envelope}, text)
 
 
-def _reject(task: Task, exc: SignatureError) -> t.NoReturn:
-    # Never log the envelope or any key; only the reason and the unauthenticated id.
+def printable(text: object, limit: int = 200) -> str:
+    """``text`` made safe for one log line: control characters (a newline that would
+    forge a line of its own) escaped, and at most ``limit`` characters."""
+    escaped = str(text).encode("unicode_escape").decode("ascii")
+    return escaped if len(escaped) <= limit else escaped[:limit] + "..."
+
+
+def log_rejection(task_id: object, reason: str, message: str) -> None:
+    """The one CRITICAL line of a dropped message. Never the envelope or any key: the
+    reason and the task id, which is unauthenticated and therefore escaped."""
     security_log.critical(
         "flask-execute rejected task %s (%s): %s The message was dropped unexecuted.",
-        task.request.id,
-        exc.reason,
-        exc,
+        printable(task_id),
+        reason,
+        message,
     )
+
+
+def _reject(task: Task, exc: SignatureError) -> t.NoReturn:
+    log_rejection(task.request.id, exc.reason, str(exc))
     raise Ignore()
 
 
 def execute(task: Task, state: _State, envelope: str) -> t.Any:
-    """Verify, unpickle and run one envelope; return the sealed outcome."""
-    header, payload = _admit(task, state, envelope)
-    if task.name != DISPATCH_LATE or task.request.is_eager:
-        return _run(task, state, header, payload)
+    """Verify, unpickle and run one envelope; return the sealed outcome.
+
+    Every decision (claim, replay, cancel, delivery cap) keys on the task id inside the
+    verified envelope, and eager runs are told apart by our own context
+    (:func:`eager_run_active`), never by request fields a broker writer could set.
+    """
+    eager = eager_run_active()
+    header, payload = _admit(task, state, envelope, eager)
+    if task.name != DISPATCH_LATE or eager:
+        return _run(task, state, header, payload, eager)
     # at-least-once: once the call finished (either way), later deliveries are
     # duplicates, even after the result expired; a retry keeps its own claim
     try:
-        outcome = _run(task, state, header, payload)
+        outcome = _run(task, state, header, payload, eager)
     except Retry:
         raise
     except BaseException:
-        state.claims.finish(task.request.id)
+        state.claims.finish(header["tid"])
         raise
-    state.claims.finish(task.request.id)
+    state.claims.finish(header["tid"])
     return outcome
 
 
-def _admit(task: Task, state: _State, envelope: str) -> tuple[dict[str, t.Any], bytes]:
+def _admit(task: Task, state: _State, envelope: str, eager: bool) -> tuple[dict[str, t.Any], bytes]:
     """Check the envelope and claim the task id; raise Ignore for what must not run."""
-    tid = task.request.id
+    request = task.request
+    bindings: dict[str, object] = {"task": task.name}
+    if not eager:  # a worker: the message's lineage is signed too
+        bindings.update(root=request.root_id, parent=request.parent_id)
     try:
-        header, payload = state.codec.open(envelope, "call", tid, {"task": task.name})
+        header, payload = state.codec.open(envelope, "call", request.id, bindings)
     except SignatureError as exc:
         if exc.reason != "python_mismatch":
             _reject(task, exc)
         # the MAC checked out: a genuine set-up mistake, reported to the caller
-        raise _sealed_failure(state, tid, SerializationError(str(exc)), "") from None
+        raise _sealed_failure(state, request.id, SerializationError(str(exc)), "") from None
+    tid: str = header["tid"]  # == request.id, now verified
     label = header.get("fn", "?")
-    if not task.request.is_eager:
+    if not eager:
         claim = state.claims.claim(
-            tid, task.request.retries or 0, late=task.name == DISPATCH_LATE, started=task.request
+            tid, request.retries or 0, late=task.name == DISPATCH_LATE, started=request
         )
         if claim == "cancelled":
             log.info("flask-execute: task %s [%s] was cancelled before it started", label, tid)
-            task.backend.mark_as_revoked(tid, "cancelled", request=task.request)
+            task.backend.mark_as_revoked(tid, "cancelled", request=request)
             raise Ignore()
         if claim == "duplicate":
-            if task.name == DISPATCH_LATE and (task.request.delivery_info or {}).get("redelivered"):
+            # the "redelivered" flag is unsigned: it only chooses how loudly a copy of a
+            # finished at-least-once call is dropped, never whether it runs
+            if task.name == DISPATCH_LATE and (request.delivery_info or {}).get("redelivered"):
                 # at-least-once: the broker gave back a message whose task finished
                 log.info("flask-execute: task %s [%s] already finished; redelivery dropped",
                          label, tid)  # fmt: skip
@@ -170,19 +220,19 @@ def _admit(task: Task, state: _State, envelope: str) -> tuple[dict[str, t.Any], 
             )
             log.error("flask-execute: task %s [%s] gave up after %d deliveries", label, tid, cap)
             task.backend.mark_as_failure(
-                tid, _sealed_failure(state, tid, poison, ""), request=task.request
+                tid, _sealed_failure(state, tid, poison, ""), request=request
             )
             raise Ignore()
         if claim != "started":  # not stored with the claim (retries, redeliveries)
             task.update_state(
-                state="STARTED", meta={"pid": os.getpid(), "hostname": task.request.hostname}
+                tid, state="STARTED", meta={"pid": os.getpid(), "hostname": request.hostname}
             )
     return header, payload
 
 
-def _run(task: Task, state: _State, header: dict[str, t.Any], payload: bytes) -> t.Any:
+def _run(task: Task, state: _State, header: dict[str, t.Any], payload: bytes, eager: bool) -> t.Any:
     """Unpickle the verified call, run it, seal what it returned or raised."""
-    tid = task.request.id
+    tid: str = header["tid"]
     label = header.get("fn", "?")
     try:
         call = pickle.loads(payload)
@@ -217,7 +267,7 @@ def _run(task: Task, state: _State, header: dict[str, t.Any], payload: bytes) ->
         value = func(*args, **kwargs)
     except Retry:
         # the next delivery of this task id is a legitimate retry: let it claim
-        if not task.request.is_eager:
+        if not eager:
             state.claims.allow_retry(tid, (task.request.retries or 0) + 1)
         raise
     except _CONTROL_FLOW:

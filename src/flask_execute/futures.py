@@ -20,6 +20,7 @@ from collections.abc import Generator
 from collections.abc import Iterator
 
 from .context import _cv_task
+from .context import eager_run_active
 from .errors import TaskTimeoutError
 
 if t.TYPE_CHECKING:
@@ -170,7 +171,7 @@ class Future(concurrent.futures.Future[T]):
         super().add_done_callback(fn)
 
     def _guard(self) -> None:
-        if not self.done() and _cv_task.get(None) is not None and not _in_eager():
+        if not self.done() and _cv_task.get(None) is not None and not eager_run_active():
             raise RuntimeError(
                 "Waiting for a Future inside a task would block a worker slot (and can"
                 " deadlock the pool). Return the future's id, use a callback, or"
@@ -212,12 +213,6 @@ class Future(concurrent.futures.Future[T]):
 
     def __await__(self) -> Generator[t.Any, None, T]:
         return asyncio.wrap_future(self).__await__()
-
-
-def _in_eager() -> bool:
-    from .context import _eager_listeners
-
-    return _eager_listeners.get() is not None
 
 
 class _Chunk:

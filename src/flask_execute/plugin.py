@@ -32,6 +32,8 @@ from .executor import CeleryExecutor
 from .futures import _Chunk
 from .futures import Future
 from .futures import FuturePool
+from .options import check_options
+from .options import RESERVED_OPTIONS
 from .registry import apply_schedule
 from .registry import register
 from .registry import ScheduleRegistry
@@ -46,17 +48,6 @@ __all__ = ["RESERVED_OPTIONS", "Celery"]
 log = logging.getLogger(__name__)
 P = t.ParamSpec("P")
 R = t.TypeVar("R")
-
-#: Keyword names ``submit`` and ``map`` take as Celery options, not as arguments of
-#: the function. Use ``apply(func, args, kwargs, **options)`` when a function itself
-#: has a parameter of one of these names.
-RESERVED_OPTIONS = frozenset(
-    {
-        "queue", "countdown", "eta", "expires", "priority", "retry", "retry_policy",
-        "time_limit", "soft_time_limit", "acks_late",
-    }
-)  # fmt: skip
-_REFUSED_OPTIONS = frozenset({"serializer", "args", "kwargs", "shadow", "argsrepr", "kwargsrepr"})
 
 
 class Celery:
@@ -161,7 +152,7 @@ class Celery:
         ``apply_async`` option (``queue``, ``countdown``, ``eta``, ``routing_key``, …)."""
         if not callable(func):
             raise TypeError(f"submit() needs a callable; got {func!r}.")
-        _check_options(options)
+        check_options(options)
         state = self._get_state()
         call_args, call_kwargs = _sanitize(state, tuple(args), dict(kwargs or {}))
         task_id = str(uuid.uuid4())
@@ -207,7 +198,7 @@ class Celery:
         """:meth:`map` with the calls, the constant keyword arguments and any
         ``apply_async`` option given explicitly (as :meth:`apply` is to :meth:`submit`)."""
         kwargs = dict(kwargs or {})
-        _check_options(options)
+        check_options(options)
         if chunksize is not None and (not isinstance(chunksize, int) or chunksize < 1):
             raise ValueError(f"chunksize must be a positive integer; got {chunksize!r}.")
         state = self._get_state()
@@ -331,14 +322,6 @@ class Celery:
         state = self._get_state()
         limit = len(state.settings.workers) if state.services.running else None
         return Control(state.controller, limit or None)
-
-
-def _check_options(options: Mapping[str, t.Any]) -> None:
-    refused = sorted(set(options) & _REFUSED_OPTIONS)
-    if refused:
-        raise TypeError(
-            f"Option {refused[0]!r} cannot be set: flask-execute controls how calls travel."
-        )
 
 
 def _sanitize(

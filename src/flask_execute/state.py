@@ -46,6 +46,7 @@ from .local import EmbeddedRedis
 from .local import LocalServices
 from .local import redis_answers
 from .local import runtime_dir
+from .message_fields import lineage
 
 if t.TYPE_CHECKING:
     from .plugin import Celery
@@ -146,7 +147,8 @@ class _State:
         )
 
     def __repr__(self) -> str:
-        return f"<flask-execute state of {self.app.import_name!r} broker={self.broker_url!r}>"
+        broker = _safe_url(self.broker_url)  # never the password
+        return f"<flask-execute state of {self.app.import_name!r} broker={broker!r}>"
 
     def _register_dispatch(self, name: str, **options: t.Any) -> Task:
         """Register one dispatch task (the default one, or the at-least-once one)."""
@@ -267,7 +269,13 @@ class _State:
         kind: str = "call",
         task: Task | None = None,
     ) -> str:
-        extra: dict[str, object] = {"fn": label, "task": (task or self.dispatch).name}
+        root, parent = lineage(task_id, self.controller.current_worker_task)
+        extra: dict[str, object] = {
+            "fn": label,
+            "task": (task or self.dispatch).name,
+            "root": root,
+            "parent": parent,
+        }
         if kind != "call":
             extra["k"] = kind
         return self.codec.seal(
@@ -292,11 +300,15 @@ class _State:
         for task_id, _, handler in items:
             watcher.watch(task_id, handler)
         try:
+            parent = self.controller.current_worker_task
             with self.controller.producer_or_acquire() as producer:
                 for task_id, envelope, _ in items:
+                    root_id, parent_id = lineage(task_id, parent)  # as sealed
                     task.apply_async(
                         (envelope,),
                         task_id=task_id,
+                        root_id=root_id,
+                        parent_id=parent_id,
                         shadow=label,
                         argsrepr=f"<{label}>",
                         kwargsrepr="{}",
