@@ -303,7 +303,6 @@ def test_rejected_settings_never_quote_a_key(value: object, message: str) -> Non
     with pytest.raises(ConfigurationError) as info:
         Celery(app)
     assert str(info.value) == message
-    assert "short secret" not in message and "old'" not in message
 
 
 # --- eager mode: the same dispatch path, in process ---------------------------------------

@@ -21,7 +21,9 @@ import subprocess
 import sys
 import textwrap
 import threading
+import types
 import uuid
+from collections.abc import Callable
 from collections.abc import Iterator
 
 import pytest
@@ -119,16 +121,19 @@ class Listener:
         self.client.publish(self.SENTINEL, b"done")
         assert self.caught_up.wait(10), "the pub/sub listener did not catch up"
         self.thread.join(10)
-        self.pubsub.close()
-        self.client.close()
         return self.messages
 
+    def close(self) -> None:
+        self.pubsub.close()
+        self.client.close()
 
-def files_under(directory: str, predicate: object) -> list[bytes]:
+
+def files_under(directory: str, predicate: Callable[[str], bool]) -> list[bytes]:
+    """The contents of every file under ``directory`` whose name passes ``predicate``."""
     blobs = []
     for base, _, names in os.walk(directory):
         for name in names:
-            if predicate(name):  # type: ignore[operator]
+            if predicate(name):
                 with open(os.path.join(base, name), "rb") as f:
                     blobs.append(f.read())
     return blobs
@@ -176,22 +181,9 @@ def private_redis(tmp_path: object) -> Iterator[EmbeddedRedis]:
         server.stop()
 
 
-@pytest.mark.parametrize("encrypt", [True, False], ids=["encrypted", "clear"])
-def test_arguments_results_and_errors_are_unreadable_at_rest(
-    encrypt: bool, private_redis: EmbeddedRedis, tmp_modules: TmpModules, tmp_path: object
-) -> None:
-    name = f"crypt_{'on' if encrypt else 'off'}"
-    log_dir = os.path.join(str(tmp_path), "logs")
-    worker = name.replace("_", "-")
-    tmp_modules.write(
-        name,
-        textwrap.dedent(APP).format(
-            broker=private_redis.url, log_dir=log_dir, worker=worker, encrypt=encrypt
-        ),
-    )
-    listener = Listener(private_redis.url)
-    module = tmp_modules.load(name)
-    args = [f"ARG{uuid.uuid4().hex}" for _ in range(6)]
+def _calls(module: types.ModuleType, args: list[str], listener: Listener) -> list[bytes]:
+    """A call, a failing call, a map chunk and a failing map chunk, each checked in the
+    caller (decrypted there), then the workers stopped; returns what was published."""
     try:
         with module.app.app_context():
             celery = module.celery
@@ -211,7 +203,29 @@ def test_arguments_results_and_errors_are_unreadable_at_rest(
     finally:
         with module.app.app_context():
             module.celery.stop()
-    published = listener.drain()
+    return listener.drain()
+
+
+@pytest.mark.parametrize("encrypt", [True, False], ids=["encrypted", "clear"])
+def test_arguments_results_and_errors_are_unreadable_at_rest(
+    encrypt: bool, private_redis: EmbeddedRedis, tmp_modules: TmpModules, tmp_path: object
+) -> None:
+    name = f"crypt_{'on' if encrypt else 'off'}"
+    log_dir = os.path.join(str(tmp_path), "logs")
+    worker = name.replace("_", "-")
+    tmp_modules.write(
+        name,
+        textwrap.dedent(APP).format(
+            broker=private_redis.url, log_dir=log_dir, worker=worker, encrypt=encrypt
+        ),
+    )
+    listener = Listener(private_redis.url)
+    module = tmp_modules.load(name)
+    args = [f"ARG{uuid.uuid4().hex}" for _ in range(6)]
+    try:
+        published = _calls(module, args, listener)
+    finally:
+        listener.close()
     stored = every_key_and_value(private_redis.url)
     with redis.Redis.from_url(private_redis.url) as client:
         client.save()
