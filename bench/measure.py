@@ -1,8 +1,10 @@
-"""The in-process measurements, each alternating flask-execute (``fe``) and plain Celery.
+"""The in-process measurements, each alternating flask-execute (``fe``) and plain Celery,
+and, for the round trip and ``map``, flask-execute with ``CELERY_ENCRYPT`` (``crypt``).
 
 Alternation: blocks run in ABBA order (fe, plain, plain, fe, ...), so that a slow
 drift of the machine (other load, CPU frequency, a growing Redis) weighs on both sides
-alike, and neither side always runs first after the other warmed the caches.
+alike, and neither side always runs first after the other warmed the caches. Three
+sides cycle through the six orders, each followed by its mirror (ABC, CBA, BCA, ...).
 """
 
 from __future__ import annotations
@@ -26,8 +28,26 @@ def abba(index: int) -> tuple[str, str]:
     return ("fe", "plain") if index % 4 in (0, 3) else ("plain", "fe")
 
 
-def roundtrip(fe_celery: t.Any, plain_add: t.Any, blocks: int, block: int) -> dict[str, t.Any]:
-    """``submit(add, i, i).result()`` versus ``add.delay(i, i).get()``, one call at a time.
+_THREE = ((0, 1, 2), (2, 1, 0), (1, 2, 0), (0, 2, 1), (2, 0, 1), (1, 0, 2))
+
+
+def order(sides: list[str], index: int) -> list[str]:
+    """Order of the sides in round ``index``: ABBA for two, the six mirrored orders
+    for three (each side in each position equally often every six rounds)."""
+    if len(sides) == 2:
+        return list(sides) if index % 4 in (0, 3) else list(reversed(sides))
+    return [sides[k] for k in _THREE[index % len(_THREE)]]
+
+
+def roundtrip(
+    fe_celery: t.Any,
+    plain_add: t.Any,
+    blocks: int,
+    block: int,
+    crypt_celery: t.Any = None,
+) -> dict[str, t.Any]:
+    """``submit(add, i, i).result()`` versus ``add.delay(i, i).get()``, one call at a time,
+    and the same ``submit`` on ``crypt_celery`` (``CELERY_ENCRYPT``) when given.
 
     Returns each side's latencies (ms) and client CPU per call (ms: this process, all
     threads, so flask-execute's result watcher counts too).
@@ -40,15 +60,21 @@ def roundtrip(fe_celery: t.Any, plain_add: t.Any, blocks: int, block: int) -> di
     def plain_call(i: int) -> int:
         return t.cast(int, plain_add.delay(i, i).get(timeout=30))
 
+    def crypt_call(i: int) -> int:
+        return t.cast(int, crypt_celery.submit(add, i, i).result(timeout=30))
+
     calls: dict[str, Callable[[int], int]] = {"fe": fe_call, "plain": plain_call}
+    if crypt_celery is not None:
+        calls["crypt"] = crypt_call
     for call in calls.values():  # warm-up: connections, subscriptions, imports
         for i in range(20):
             call(i)
-    latencies: dict[str, list[float]] = {"fe": [], "plain": []}
-    cpu: dict[str, float] = {"fe": 0.0, "plain": 0.0}
+    sides = list(calls)
+    latencies: dict[str, list[float]] = {side: [] for side in sides}
+    cpu: dict[str, float] = dict.fromkeys(sides, 0.0)
     i = 0
-    for index in range(2 * blocks):
-        side = abba(index // 2)[index % 2]
+    for index in range(len(sides) * blocks):
+        side = order(sides, index // len(sides))[index % len(sides)]
         call = calls[side]
         cpu_start = time.process_time()
         for _ in range(block):
@@ -59,12 +85,11 @@ def roundtrip(fe_celery: t.Any, plain_add: t.Any, blocks: int, block: int) -> di
             if value != 2 * i:
                 raise AssertionError(f"{side}: add({i}, {i}) returned {value!r}")
         cpu[side] += time.process_time() - cpu_start
-    return {
-        "fe_ms": latencies["fe"],
-        "plain_ms": latencies["plain"],
-        "fe_cpu_ms": cpu["fe"] * 1000 / len(latencies["fe"]),
-        "plain_cpu_ms": cpu["plain"] * 1000 / len(latencies["plain"]),
-    }
+    out: dict[str, t.Any] = {}
+    for side in sides:
+        out[f"{side}_ms"] = latencies[side]
+        out[f"{side}_cpu_ms"] = cpu[side] * 1000 / len(latencies[side])
+    return out
 
 
 def map_many(
@@ -74,13 +99,17 @@ def map_many(
     n: int,
     chunksize: int,
     rounds: int,
+    crypt_celery: t.Any = None,
 ) -> dict[str, list[dict[str, t.Any]]]:
     """``n`` trivial calls, submit then collect everything, four ways:
 
     * ``fe``: ``celery.map(add, *calls).result()``;
     * ``fe_chunk``: the same with ``chunksize``;
     * ``plain_loop``: ``[add.delay(i, i) for i in ...]`` then ``get()`` each;
-    * ``plain_group``: ``group(add.s(i, i) for i in ...).apply_async().get()``.
+    * ``plain_group``: ``group(add.s(i, i) for i in ...).apply_async().get()``;
+
+    and, with ``crypt_celery`` (``CELERY_ENCRYPT``), ``crypt`` and ``crypt_chunk``: the
+    first two ways on it.
 
     Rounds run the four in mirrored orders. Returns each way's runs: seconds, and
     the Redis commands the whole system (client and worker) sent during the run, from
@@ -117,12 +146,26 @@ def map_many(
         submitted = time.perf_counter()
         return start, submitted, result.get(timeout=600)
 
+    def crypt() -> tuple[float, float, list[int]]:
+        start = time.perf_counter()
+        pool = crypt_celery.map(add, *calls)
+        submitted = time.perf_counter()
+        return start, submitted, pool.result(timeout=600)
+
+    def crypt_chunk() -> tuple[float, float, list[int]]:
+        start = time.perf_counter()
+        pool = crypt_celery.map(add, *calls, chunksize=chunksize)
+        submitted = time.perf_counter()
+        return start, submitted, pool.result(timeout=600)
+
     ways: dict[str, Callable[[], tuple[float, float, list[int]]]] = {
         "fe": fe,
         "fe_chunk": fe_chunk,
         "plain_loop": plain_loop,
         "plain_group": plain_group,
     }
+    if crypt_celery is not None:
+        ways.update(crypt=crypt, crypt_chunk=crypt_chunk)
     runs: dict[str, list[dict[str, t.Any]]] = {name: [] for name in ways}
     for r in range(rounds):
         # mirrored rounds (ABCD, DCBA, ...): a linear drift weighs the same on every way
@@ -206,11 +249,13 @@ def codec_overhead(n: int, repeats: int) -> dict[str, float]:
     from flask_execute.serialization import function_label
 
     codec = Codec(os.urandom(32))
+    crypt = Codec(os.urandom(32), encrypt=True)
     tid = str(uuid.uuid4())
     label = function_label(add)
     payload, _ = dump_call(add, (1, 1), {})
     envelope = codec.seal("call", tid, payload, extra={"fn": label})
     result_envelope = codec.seal("result", tid, dumps(2)[0])
+    crypt_result_envelope = crypt.seal("result", tid, dumps(2)[0])
     embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 
     def fe_call(i: int) -> None:  # what one submit adds: pickle, seal; the worker opens
@@ -231,6 +276,15 @@ def codec_overhead(n: int, repeats: int) -> dict[str, float]:
         codec.seal("result", tid, dumps(i)[0])
         pickle.loads(codec.open(result_envelope, "result", tid)[1])
 
+    def crypt_call(i: int) -> None:  # the same with CELERY_ENCRYPT: + AES-GCM both ways
+        data, by_value = dump_call(add, (i, i), {})
+        sealed = crypt.seal("call", tid, data, by_value=by_value, extra={"fn": label})
+        crypt.open(sealed, "call", tid)
+
+    def crypt_result(i: int) -> None:
+        crypt.seal("result", tid, dumps(i)[0])
+        pickle.loads(crypt.open(crypt_result_envelope, "result", tid)[1])
+
     def plain_call(i: int) -> None:  # plain Celery's body: JSON (args, kwargs, embed)
         ctype, encoding, body = kombu_dumps(((i, i), {}, embed), serializer="json")
         kombu_loads(body, ctype, encoding)
@@ -247,6 +301,8 @@ def codec_overhead(n: int, repeats: int) -> dict[str, float]:
         "open": open_only,
         "fe_result": fe_result,
         "plain_result": plain_result,
+        "crypt_call": crypt_call,
+        "crypt_result": crypt_result,
     }
     timings: dict[str, list[float]] = {name: [] for name in funcs}
     for r in range(repeats):

@@ -265,6 +265,81 @@ def summary(results: dict[str, t.Any], plan: Plan) -> list[Row]:
             None,
         )
     )
+    if "crypt_ms" in rt:
+        rows += _encryption_rows(results, plan)
+    return rows
+
+
+def _versus(value: float, unencrypted: float, plain: float, faster: bool = False) -> str:
+    """Ratio of an encrypted figure to the unencrypted one and to plain Celery's."""
+    if faster:
+        theirs = f"{plain / value:.2f}x faster than plain"
+    else:
+        theirs = f"{value / plain:.2f}x plain's"
+    return f"{value / unencrypted:.2f}x the unencrypted time; {theirs}"
+
+
+def _encryption_rows(results: dict[str, t.Any], plan: Plan) -> list[Row]:
+    """``CELERY_ENCRYPT``: the same measurements on the encrypted app, run alternated
+    with the two sides above (the "flask-execute" column is the encrypted figure)."""
+    rt, m, codec = results["roundtrip"], results["map"], results["codec"]
+    n, c = plan.map_n, plan.map_chunksize
+    fe50, pl50, cr50 = (pct(rt[f"{side}_ms"], 50) for side in ("fe", "plain", "crypt"))
+    fe99, pl99, cr99 = (pct(rt[f"{side}_ms"], 99) for side in ("fe", "plain", "crypt"))
+    loop, grp = _total(m["plain_loop"]), _total(m["plain_group"])
+    cr, cr_chunk = _total(m["crypt"]), _total(m["crypt_chunk"])
+    rows = [
+        Row(
+            "`CELERY_ENCRYPT` round trip p50 (vs the unencrypted p50 above, and plain Celery)",
+            f"{cr50:.2f} ms (unencrypted {fe50:.2f})",
+            f"{pl50:.2f} ms",
+            _versus(cr50, fe50, pl50),
+            "—",
+            None,
+        ),
+        Row(
+            "`CELERY_ENCRYPT` round trip p99",
+            f"{cr99:.2f} ms (unencrypted {fe99:.2f})",
+            f"{pl99:.2f} ms",
+            _versus(cr99, fe99, pl99),
+            "—",
+            None,
+        ),
+        Row(
+            "`CELERY_ENCRYPT` client CPU per round trip",
+            f"{rt['crypt_cpu_ms']:.2f} ms (unencrypted {rt['fe_cpu_ms']:.2f})",
+            f"{rt['plain_cpu_ms']:.2f} ms",
+            _versus(rt["crypt_cpu_ms"], rt["fe_cpu_ms"], rt["plain_cpu_ms"]),
+            "—",
+            None,
+        ),
+        Row(
+            f"`CELERY_ENCRYPT` `map` of {n:,}, no chunksize (vs unencrypted, and the"
+            " `delay()` loop)",
+            f"{_rate(n, cr)} (unencrypted {_total(m['fe']):.2f} s)",
+            _rate(n, loop),
+            _versus(cr, _total(m["fe"]), loop, faster=True),
+            "—",
+            None,
+        ),
+        Row(
+            f"`CELERY_ENCRYPT` `map` of {n:,}, chunksize={c} (vs unencrypted, and the `group`)",
+            f"{_rate(n, cr_chunk)} (unencrypted {_total(m['fe_chunk']):.2f} s)",
+            _rate(n, grp),
+            _versus(cr_chunk, _total(m["fe_chunk"]), grp, faster=True),
+            "—",
+            None,
+        ),
+        Row(
+            "`CELERY_ENCRYPT` signing + encryption + serialization per call, isolated (vs"
+            " unencrypted, and kombu's JSON body)",
+            f"{codec['crypt_call']:.1f} µs (unencrypted {codec['fe_call']:.1f})",
+            f"{codec['plain_call']:.1f} µs",
+            _versus(codec["crypt_call"], codec["fe_call"], codec["plain_call"]),
+            "—",
+            None,
+        ),
+    ]
     return rows
 
 
@@ -342,10 +417,15 @@ def markdown(
         " serializers and a registered task `add`.",
         "- Both run the same trivial `add(x, y)`; flask-execute sends it by reference inside"
         " its signed envelope, with the `STARTED` report and the claim it always makes.",
+        "- The `CELERY_ENCRYPT` rows: a second flask-execute app, identical but for"
+        " `CELERY_ENCRYPT=True`, with its own worker `bench-crypt` of the same shape, on db"
+        " 5 (result keys prefixed `crypt:`). Its round trips and `map`s run in the same"
+        " alternation as the other two sides (three sides cycle through the six orders,"
+        " each followed by its mirror); its worker is stopped before the later measurements.",
         "- Alternation: round trips in blocks of"
-        f" {plan.rt_block} calls in ABBA order ({plan.rt_blocks} blocks per side);"
-        f" {plan.map_rounds} round(s) of the four `map` ways, in mirrored orders (ABCD,"
-        " DCBA); status and cold starts in ABBA order. Cold starts and memory run in a"
+        f" {plan.rt_block} calls ({plan.rt_blocks} blocks per side);"
+        f" {plan.map_rounds} round(s) of the six `map` ways, in mirrored orders (ABCDEF,"
+        " FEDCBA); status and cold starts in ABBA order. Cold starts and memory run in a"
         " fresh process each.",
         "",
         "## Summary",
@@ -388,7 +468,10 @@ def _details(results: dict[str, t.Any], plan: Plan) -> list[str]:
         "| side | n | min | p50 | p90 | p99 | max | mean | client CPU / call |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for side, key in (("flask-execute", "fe"), ("plain", "plain")):
+    sides = [("flask-execute", "fe"), ("plain", "plain")]
+    if "crypt_ms" in rt:
+        sides.append(("flask-execute, `CELERY_ENCRYPT`", "crypt"))
+    for side, key in sides:
         values = rt[f"{key}_ms"]
         cpu_value = rt[f"{key}_cpu_ms"]
         out.append(
@@ -409,8 +492,12 @@ def _details(results: dict[str, t.Any], plan: Plan) -> list[str]:
         "fe_chunk": f"flask-execute `map(chunksize={plan.map_chunksize})`",
         "plain_loop": "plain `delay()` loop, then `get()` each",
         "plain_group": "plain `group(...).apply_async().get()`",
+        "crypt": "flask-execute `map`, `CELERY_ENCRYPT`",
+        "crypt_chunk": f"flask-execute `map(chunksize={plan.map_chunksize})`, `CELERY_ENCRYPT`",
     }
     for key, label in names.items():
+        if key not in results["map"]:
+            continue
         for i, run in enumerate(results["map"][key], 1):
             commands = run["commands"]
             top = sorted(commands.items(), key=lambda kv: -kv[1])[:8]
@@ -497,6 +584,13 @@ def _details(results: dict[str, t.Any], plan: Plan) -> list[str]:
         f"| plain Celery call body: kombu JSON dumps + loads | {c['plain_call']:.1f} |",
         f"| plain Celery result meta: kombu JSON dumps + loads | {c['plain_result']:.1f} |",
     ]
+    if "crypt_call" in c:
+        out += [
+            f"| `CELERY_ENCRYPT` call: `dump_call` + seal + open, AES-GCM both ways |"
+            f" {c['crypt_call']:.1f} |",
+            f"| `CELERY_ENCRYPT` result: pickle + seal + open + unpickle |"
+            f" {c['crypt_result']:.1f} |",
+        ]
     return out
 
 

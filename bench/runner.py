@@ -6,6 +6,8 @@ What runs, all started and stopped here (``finally``), never the system Redis:
   flask-execute uses db 1, plain Celery db 2, the two cold starts dbs 3 and 4;
 * the flask-execute worker ``bench@<host>``, auto-started by the extension on the
   first ``submit`` and stopped with ``celery.stop()``;
+* the encrypted flask-execute worker ``bench-crypt@<host>`` (``CELERY_ENCRYPT``, db
+  5), the same way, stopped once the round trip and ``map`` are measured;
 * the plain worker ``plain@<host>``: ``celery -A bench.plain_app worker --pool=prefork
   -c 2 --without-mingle --without-gossip -Q bench-plain``;
 * fresh child processes (:mod:`bench.child`) for the cold starts and the memory
@@ -152,6 +154,7 @@ def run(plan: Plan, tmp: str) -> dict[str, t.Any]:
     )
     plain_worker: subprocess.Popen[bytes] | None = None
     fe_celery: t.Any = None
+    crypt_celery: t.Any = None
     results: dict[str, t.Any] = {"plan": dataclasses.asdict(plan)}
     try:
         progress(f"starting a private Redis on port {redis.port}")
@@ -162,12 +165,14 @@ def run(plan: Plan, tmp: str) -> dict[str, t.Any]:
             "BENCH_PLAIN_BROKER": f"{url}/2",
             "BENCH_PLAIN_QUEUE": PLAIN_QUEUE,
             "BENCH_COLD_BROKER": f"{url}/3",
+            "BENCH_CRYPT_BROKER": f"{url}/5",
             "BENCH_LOG_DIR": log_dir,
         }
         os.environ.update(base_env)  # the benchmark apps read it at import
         env = dict(os.environ)
         results["redis"] = {"url": url, "version": redis_version(redis.argv()[0])}
 
+        from bench.crypt_app import celery as crypt_celery_app
         from bench.fe_app import celery as fe_celery_app
         from bench.fe_app import WORKER
         from bench.plain_app import add as plain_add
@@ -181,22 +186,33 @@ def run(plan: Plan, tmp: str) -> dict[str, t.Any]:
         fe_celery = fe_celery_app
         fe_celery.submit(add, 0, 0).result(timeout=60)
         plain_add.delay(0, 0).get(timeout=60)
+        progress("starting the encrypted flask-execute worker (CELERY_ENCRYPT)")
+        crypt_celery = crypt_celery_app
+        crypt_celery.submit(add, 0, 0).result(timeout=60)
         expected = f"{WORKER}@{platform.node()}"
 
         n = plan.rt_blocks * plan.rt_block
         progress(f"round trip: {n} calls per side in blocks of {plan.rt_block}")
         results["roundtrip"] = measure.roundtrip(
-            fe_celery, plain_add, plan.rt_blocks, plan.rt_block
+            fe_celery, plain_add, plan.rt_blocks, plan.rt_block, crypt_celery
         )
 
-        progress(f"map of {plan.map_n:,} calls, four ways")
+        progress(f"map of {plan.map_n:,} calls, six ways")
         stats_client = redis_client.Redis.from_url(url)
         try:
             results["map"] = measure.map_many(
-                fe_celery, plain_add, stats_client, plan.map_n, plan.map_chunksize, plan.map_rounds
+                fe_celery,
+                plain_add,
+                stats_client,
+                plan.map_n,
+                plan.map_chunksize,
+                plan.map_rounds,
+                crypt_celery,
             )
         finally:
             stats_client.close()
+        progress("stopping the encrypted worker (not used by the measurements below)")
+        crypt_celery.stop(timeout=10)
 
         progress("status() versus control.ping(timeout=1)")
         results["status"] = measure.status(fe_celery, plain_app, expected, plan.status_reps)
@@ -235,17 +251,24 @@ def run(plan: Plan, tmp: str) -> dict[str, t.Any]:
         results["codec"] = measure.codec_overhead(plan.codec_n, plan.codec_repeats)
     finally:
         progress("stopping everything")
-        _stop_all(fe_celery, plain_worker, redis)
+        _stop_all(fe_celery, plain_worker, redis, crypt_celery)
     return results
 
 
-def _stop_all(fe_celery: t.Any, plain_worker: subprocess.Popen[bytes] | None, redis: t.Any) -> None:
+def _stop_all(
+    fe_celery: t.Any,
+    plain_worker: subprocess.Popen[bytes] | None,
+    redis: t.Any,
+    crypt_celery: t.Any = None,
+) -> None:
     """Stop what :func:`run` started; one failing stop does not skip the others."""
     from flask_execute.watcher import _stop_all as stop_watchers
 
     steps: list[tuple[str, t.Callable[[], object]]] = []
     if fe_celery is not None:
         steps.append(("the flask-execute worker", lambda: fe_celery.stop(timeout=10)))
+    if crypt_celery is not None:  # stop() is idempotent
+        steps.append(("the encrypted worker", lambda: crypt_celery.stop(timeout=10)))
     if plain_worker is not None:
         steps.append(("the plain worker", lambda: stop_group(plain_worker)))
     # the result watchers first, then the Redis they watch

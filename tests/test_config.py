@@ -78,6 +78,7 @@ def test_defaults() -> None:
         pickle_by_value=True,
         unsafe_allow_pickle=False,
         max_deliveries=3,
+        encrypt=False,
     )
 
 
@@ -118,6 +119,7 @@ def test_key_table_covers_the_documented_keys() -> None:
         "CELERY_PICKLE_BY_VALUE": True,
         "CELERY_UNSAFE_ALLOW_PICKLE": False,
         "CELERY_MAX_MESSAGE_SIZE": 64 * 1024 * 1024,
+        "CELERY_ENCRYPT": False,
     }
     assert all(key.doc for key in KEYS)
 

@@ -110,6 +110,43 @@ def _signing_keys(key: str, value: object) -> list[bytes]:
     )
 
 
+#: Shortest dedicated CELERY_ENCRYPT key: a shorter one could be guessed.
+MIN_ENCRYPTION_KEY = 16
+
+
+def _encrypt(key: str, value: object) -> bool | list[bytes]:
+    """``True``/``False``, a dedicated key (str or bytes), or a list of them (newest
+    first). Errors never quote a key: only its length or its type."""
+    if isinstance(value, bool):
+        return value
+    expected = (
+        f"True, False, a key of at least {MIN_ENCRYPTION_KEY} bytes (str or bytes) or a"
+        " list of such keys, newest first"
+    )
+    items = [value] if isinstance(value, (str, bytes)) else value
+    if not isinstance(items, (list, tuple)) or not items:
+        found = (
+            "an empty list"
+            if isinstance(items, (list, tuple))
+            else f"a value of type {type(value).__name__!r}"
+        )
+        raise ConfigurationError(f"{key!r} must be {expected}; got {found}.")
+    keys: list[bytes] = []
+    for item in items:
+        if not isinstance(item, (str, bytes)):
+            raise ConfigurationError(
+                f"{key!r} must be {expected}; got a list item of type {type(item).__name__!r}."
+            )
+        raw = item.encode() if isinstance(item, str) else item
+        if len(raw) < MIN_ENCRYPTION_KEY:
+            raise ConfigurationError(
+                f"{key!r} must be {expected}; got a key of {len(raw)} bytes. Generate one"
+                ' with python -c "import secrets; print(secrets.token_urlsafe(32))".'
+            )
+        keys.append(raw)
+    return keys
+
+
 # --- worker options ---------------------------------------------------------------
 # Each option of a CELERY_WORKERS dict means exactly the `celery worker` flag of the
 # same name; the table says how the value is rendered on the command line.
@@ -312,6 +349,13 @@ KEYS: tuple[Key, ...] = (
         _positive_int,
         "Largest signed envelope (bytes) accepted for a call or a result",
     ),
+    Key(
+        "CELERY_ENCRYPT",
+        False,
+        _encrypt,
+        "Encrypt calls, results and errors (AES-GCM): True (key derived from the signing"
+        " key), a dedicated key, or a list of keys (newest first)",
+    ),
 )
 _KEY_NAMES = frozenset(k.name for k in KEYS)
 
@@ -341,6 +385,7 @@ class Settings:
     pickle_by_value: bool
     unsafe_allow_pickle: bool
     max_deliveries: int
+    encrypt: bool | list[bytes]
 
 
 def load(config: Mapping[str, object]) -> Settings:
@@ -391,6 +436,7 @@ def load(config: Mapping[str, object]) -> Settings:
         pickle_by_value=values["CELERY_PICKLE_BY_VALUE"],  # type: ignore[arg-type]
         unsafe_allow_pickle=values["CELERY_UNSAFE_ALLOW_PICKLE"],  # type: ignore[arg-type]
         max_deliveries=values["CELERY_MAX_DELIVERIES"],  # type: ignore[arg-type]
+        encrypt=values["CELERY_ENCRYPT"],  # type: ignore[arg-type]
     )
 
 

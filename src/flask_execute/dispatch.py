@@ -114,20 +114,24 @@ def _rebuild_carrier(module: str, qualname: str, args: tuple[t.Any, ...]) -> Exc
     return _carrier_class(module, qualname)(*args)
 
 
-def make_carrier(exc: BaseException, envelope: str) -> Exception:
+def make_carrier(exc: BaseException, envelope: str, *, clear: bool = True) -> Exception:
     """A JSON-safe exception standing in for ``exc`` in Celery's result backend.
 
     Celery stores the type's qualname and module (so logs and Flower still read
     ``ValueError``) and the args, which hold the readable message and the sealed pickle
-    of the real exception.
+    of the real exception. ``clear=False`` (``CELERY_ENCRYPT``) keeps the message out
+    of the stored state and of the worker's log line: only the type name is readable.
     """
     cls = type(exc)
     carrier_cls = _carrier_class(cls.__module__, cls.__qualname__)
-    try:
-        message = str(exc)
-        text = repr(exc)
-    except Exception:
-        message = text = f"<unprintable {cls.__qualname__}>"
+    if not clear:
+        message, text = "<encrypted>", f"{cls.__qualname__}(<encrypted>)"
+    else:
+        try:
+            message = str(exc)
+            text = repr(exc)
+        except Exception:
+            message = text = f"<unprintable {cls.__qualname__}>"
     return carrier_cls(message, {"flask_execute": envelope}, text)
 
 
@@ -187,7 +191,7 @@ def _admit(task: Task, state: _State, envelope: str, eager: bool) -> tuple[dict[
     try:
         header, payload = state.codec.open(envelope, "call", request.id, bindings)
     except SignatureError as exc:
-        if exc.reason != "python_mismatch":
+        if exc.reason not in ("python_mismatch", "encryption_mismatch"):
             _reject(task, exc)
         # the MAC checked out: a genuine set-up mistake, reported to the caller
         raise _sealed_failure(state, request.id, SerializationError(str(exc)), "") from None
@@ -318,4 +322,4 @@ def _portable(label: str, outcome: tuple[bool, object]) -> tuple[bool, object]:
 
 def _sealed_failure(state: _State, tid: str, exc: BaseException, tb_text: str) -> Exception:
     envelope = state.codec.seal("error", tid, dump_exception(exc, tb_text))
-    return make_carrier(exc, envelope)
+    return make_carrier(exc, envelope, clear=not state.codec.encrypts)

@@ -58,7 +58,8 @@ class SignatureError(ExecuteError):
 
     ``reason`` is a short machine-readable word (``bad_mac``, ``expired``,
     ``malformed``, ``unknown_key``, ``binding_mismatch``, ``python_mismatch``,
-    ``too_large``).
+    ``too_large``, ``encryption_mismatch``: ``CELERY_ENCRYPT`` differs between the
+    process that sealed the envelope and this one).
     """
 
     def __init__(self, reason: str, message: str | None = None) -> None:

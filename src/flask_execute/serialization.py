@@ -11,7 +11,9 @@ The MAC covers the header and the payload under a key derived per purpose ("call
 "result", "error"), so a result can never be replayed as a call. The header binds the
 task id, the key id, the issue and expiry times and, for by-value payloads, the
 Python version. :meth:`Codec.open` checks size, form, key, MAC (constant time),
-purpose, task id and expiry *before* anything is unpickled.
+purpose, task id and expiry *before* anything is unpickled. With ``CELERY_ENCRYPT`` the
+payload is AES-GCM ciphertext (the header stays clear, signed and authenticated as
+associated data) and is decrypted only after all those checks.
 """
 
 from __future__ import annotations
@@ -31,9 +33,12 @@ import types
 import typing as t
 from collections.abc import Callable
 from collections.abc import Iterable
+from collections.abc import Sequence
 
 import cloudpickle
 
+from .crypto import decrypt_payload
+from .crypto import make_cipher
 from .errors import RemoteError
 from .errors import SerializationError
 from .errors import SignatureError
@@ -306,7 +311,9 @@ class Codec:
     """Seals and opens envelopes with one signing key and any number of older keys.
 
     The newest key signs; every key verifies (key rotation). Keys are never logged and
-    never part of ``repr``.
+    never part of ``repr``. With ``encrypt`` (``CELERY_ENCRYPT``: ``True``, or dedicated
+    secrets, newest first) every payload is also encrypted (:mod:`flask_execute.crypto`)
+    and :meth:`open` refuses any envelope that is not, and vice versa.
     """
 
     def __init__(
@@ -316,19 +323,29 @@ class Codec:
         *,
         max_size: int = 64 * 1024 * 1024,
         max_age: float = DEFAULT_MAX_AGE,
+        encrypt: bool | Sequence[bytes] = False,
     ) -> None:
+        fallbacks = list(fallbacks)
         self._kid = key_id(key)
         self._keys = {key_id(k): k for k in (*fallbacks, key)}
+        # CELERY_ENCRYPT: True derives the cipher's keys from these signing keys
+        self._cipher = make_cipher(encrypt, [key, *fallbacks])
         self._purpose_keys: dict[tuple[str, str], bytes] = {}
         self.max_size = max_size
         self.max_age = max_age
 
     def __repr__(self) -> str:
-        return f"<Codec kid={self._kid} keys={len(self._keys)}>"
+        encrypted = f" encrypted={self._cipher.kid}" if self._cipher else ""
+        return f"<Codec kid={self._kid} keys={len(self._keys)}{encrypted}>"
 
     @property
     def kid(self) -> str:
         return self._kid
+
+    @property
+    def encrypts(self) -> bool:
+        """Whether payloads are encrypted (``CELERY_ENCRYPT``)."""
+        return self._cipher is not None
 
     def _key(self, kid: str, purpose: str) -> bytes:
         cached = self._purpose_keys.get((kid, purpose))
@@ -365,7 +382,13 @@ class Codec:
             header["py"] = PYTHON
         if extra:
             header.update(extra)
+        if self._cipher is not None:
+            header["enc"] = self._cipher.kid
         head = _b64e(json.dumps(header, separators=(",", ":")).encode())
+        if self._cipher is not None:
+            # AEAD with the (signed, clear) header as associated data, then the MAC
+            # over both: see docs/security.md, "Confidentiality"
+            payload = self._cipher.encrypt(payload, f"{VERSION}.{head}".encode())
         body = _b64e(payload)
         signed = f"{VERSION}.{head}.{body}"
         mac = hmac.new(self._key(self._kid, purpose), signed.encode(), hashlib.sha256)
@@ -445,4 +468,7 @@ class Codec:
             payload = _b64d(body)
         except (ValueError, binascii.Error) as exc:  # pragma: no cover - MAC covers it
             raise SignatureError("malformed", f"Envelope payload is unreadable: {exc}.") from None
-        return header, payload
+        associated = f"{VERSION}.{head}".encode()
+        return header, decrypt_payload(
+            self._cipher, header.get("enc"), payload, associated, purpose
+        )

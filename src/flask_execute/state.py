@@ -78,6 +78,7 @@ class _State:
         self.codec = Codec(
             *signing_keys(app, self.settings, self.runtime_dir),
             max_size=self.settings.max_message_size,
+            encrypt=self.settings.encrypt,
         )
         self.locator = locate(app)
         self.pickling: dict[str, t.Any] = {
