@@ -158,11 +158,19 @@ class Target:
         self.client.lpush("celery", json.dumps(message))
 
     def assert_acknowledged(self) -> None:
-        """Every injected message left the queue and was acknowledged (not requeued)."""
-        queued = b"".join(self.client.lrange("celery", 0, -1))
-        for tag in self.injected:
-            assert tag.encode() not in queued
-            assert self.client.hget("unacked", tag) is None
+        """Every injected message left the queue and was acknowledged (not requeued).
+
+        An at-least-once message is acknowledged by the worker's main process once the
+        pool reports back, which may come a moment after the log line: wait for it."""
+
+        def settled() -> bool:
+            queued = b"".join(self.client.lrange("celery", 0, -1))
+            return not any(
+                tag.encode() in queued or self.client.hget("unacked", tag) is not None
+                for tag in self.injected
+            )
+
+        assert wait_for(settled, timeout=10), "an injected message was not acknowledged"
 
     def assert_rejected(self, reasons: dict[str, str], *secrets: str) -> None:
         """Each task id of ``reasons`` was rejected for its reason: logged once at
