@@ -5,9 +5,10 @@ factory function that built it (found on the call stack), a script file run as
 ``python app.py``, or — for apps built anywhere else (a test body, a notebook) — a bare
 app of the same name. At start-up the web process writes a private boot file with the
 locator, its ``sys.path`` and a snapshot of the app's effective config; the worker
-rebuilds the app through the locator while that snapshot is *pinned* (config writes of
-the factory to those keys are ignored), so the worker sees the same effective config as
-the web process — including overrides a test applied after ``create_app``.
+checks it, then rebuilds the app through the locator while that snapshot is *pinned*
+(config writes of the factory to those keys are ignored), so the worker sees the same
+effective config as the web process — including overrides a test applied after
+``create_app``.
 
 Without a boot file (``celery -A flask_execute.celery worker`` by hand), the app is
 found like ``flask`` finds it: ``FLASK_APP`` or ``app.py`` / ``wsgi.py``.
@@ -37,6 +38,7 @@ from .local import BOOT_ENV
 from .local import CHILD_ENV
 from .local import LIFELINE_FD_ENV
 from .processes import READY_FD_ENV
+from .rundir import open_private
 
 __all__ = ["celery_app", "locate"]
 
@@ -185,8 +187,9 @@ def celery_app() -> t.Any:
         if _celery_app is None:
             boot_path = os.environ.pop(BOOT_ENV, None)
             if boot_path:
-                with open(boot_path, "rb") as f:
-                    # A 0600 file written by the process that started us, not broker data.
+                # not followed if a link, refused unless ours and 0600 (raising makes
+                # the worker exit)
+                with os.fdopen(open_private(boot_path), "rb") as f:
                     boot = pickle.load(f)
                 os.unlink(boot_path)  # it holds the app's secrets; read once
                 app = build(boot)

@@ -17,7 +17,8 @@ Policy for children, written down before the code:
 * Stop: SIGTERM to each main process (warm shutdown: running tasks finish), then after
   the timeout SIGQUIT, then SIGKILL to the whole process group; every child is reaped.
   Stop is idempotent; start works again after it.
-* One set per host: an ``flock`` on a lock file in the runtime directory. The process
+* One set per host: an ``flock`` on a lock file in the private runtime directory
+  (:mod:`.rundir`). The process
   holding it starts the services; other processes of the same app (gunicorn -w 4) wait
   for the workers to answer and take over if the holder dies.
 """
@@ -29,6 +30,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import secrets
 import socket
 import sys
 import threading
@@ -42,11 +44,11 @@ from .embedded import redis_binary
 from .errors import ServiceStartError
 from .processes import Child
 from .processes import log_tail
-from .processes import runtime_dir
 from .processes import spawn
 from .processes import terminate
 from .processes import wait_ready
-from .processes import write_private
+from .rundir import create_private
+from .rundir import open_private
 
 if t.TYPE_CHECKING:
     from .state import _State
@@ -57,8 +59,6 @@ __all__ = [
     "log_tail",
     "redis_answers",
     "redis_binary",
-    "runtime_dir",
-    "write_private",
 ]
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,10 @@ class LocalServices:
         identity = "|".join([self._state.broker_url, *sorted(self.expected_nodes())])
         digest = hashlib.sha256(identity.encode()).hexdigest()[:12]
         path = os.path.join(self._state.runtime_dir, f"services-{digest}.lock")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = create_private(path, os.O_RDWR)
+        except FileExistsError:
+            fd = open_private(path, os.O_RDWR)  # a link or another user's: refused
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -320,12 +323,13 @@ class LocalServices:
         self._boot_paths = []
 
     def boot_file(self, boot: dict[str, object]) -> str:
-        """A private copy of the boot file for one child (it deletes it once read:
-        the file holds the app's secrets)."""
-        path = os.path.join(
-            self._state.runtime_dir, f"boot-{os.getpid()}-{len(self._boot_paths)}.pickle"
-        )
-        write_private(path, boot)
+        """A private copy of the boot file for one child, created under a new random
+        name (it deletes it once read: the file holds the app's secrets)."""
+        import cloudpickle
+
+        path = os.path.join(self._state.runtime_dir, f"boot-{secrets.token_hex(8)}.pickle")
+        with os.fdopen(create_private(path), "wb") as f:
+            cloudpickle.dump(boot, f)
         self._boot_paths.append(path)
         return path
 
