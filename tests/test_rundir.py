@@ -13,6 +13,7 @@ wrong and the fix, and that nothing of the attacker's is used or unpickled.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import logging
 import os
@@ -29,10 +30,13 @@ from flask import Flask
 
 import flask_execute.local
 import flask_execute.state
+from flask_execute import bootfile
 from flask_execute import Celery
 from flask_execute import ServiceStartError
+from flask_execute import SignatureError
 from flask_execute import UnsafePathError
 from flask_execute.local import BOOT_ENV
+from flask_execute.serialization import Codec
 from flask_execute.serialization import key_id
 from tests.apps import tasks
 from tests.conftest import descendants
@@ -359,10 +363,58 @@ def test_planted_lock_file_is_refused(machine, plant, log_dir):
 
 
 # --- the boot file -----------------------------------------------------------------------------
+def test_boot_file_is_verified_before_it_is_unpickled(tmp_path):
+    directory = our_dir(tmp_path / "run")
+    canary = tmp_path / "pwned"
+    path, key = bootfile.write(str(directory), {"locator": ("bare",)})
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    name = os.path.basename(path)
+
+    def refused(data: bytes, boot_key: str | None = key, as_name: str = name) -> SignatureError:
+        target = directory / as_name
+        target.unlink(missing_ok=True)
+        target.write_bytes(data)
+        target.chmod(0o600)
+        with pytest.raises(SignatureError) as info:
+            bootfile.read(str(target), boot_key)
+        assert not canary.exists()
+        assert target.exists()  # left for inspection
+        return info.value
+
+    genuine = Path(path).read_bytes()
+    evil = pickle.dumps(Canary(canary))
+    head = f"Refusing the boot file {directory / name}"
+    tail = (
+        " It is not what the web process wrote for this worker, so nothing in it was"
+        f" unpickled and the worker does not start. Check who else can write to {directory}."
+    )
+    error = refused(evil)
+    assert (error.reason, str(error)) == (
+        "malformed",
+        f"{head} (malformed): Envelope is not a flask-execute envelope.{tail}",
+    )
+    forged = Codec(ATTACKER_KEY).seal("boot", name, evil).encode()
+    assert refused(forged).reason == "unknown_key"
+    tampered = genuine[:-3] + (b"AAA" if genuine[-3:] != b"AAA" else b"BBB")
+    assert refused(tampered).reason == "bad_mac"
+    assert refused(genuine, boot_key=None).reason == "malformed"
+    other_key = base64.urlsafe_b64encode(os.urandom(32)).decode()
+    assert refused(genuine, boot_key=other_key).reason == "unknown_key"
+    # sealed for another boot file: a genuine file of another child is no use either
+    assert refused(genuine, as_name="boot-0000000000000000.pickle").reason == "binding_mismatch"
+    (directory / name).write_bytes(genuine)
+    assert bootfile.read(path, key) == {"locator": ("bare",)}
+    assert not os.path.exists(path)  # read once
+
+
 def _swap(kind: str, path: str, canary: Path, shared: Path) -> None:
     """What the attacker does between the web process's write and the worker's read."""
     evil = pickle.dumps(Canary(canary))
-    if kind == "symlink":
+    if kind == "content":  # as if they could write in the directory: same inode, owner, mode
+        with open(path, "r+b") as f:
+            f.truncate()
+            f.write(evil)
+    elif kind == "symlink":
         os.unlink(path)
         plant_link(Path(path), attacker_file(shared / "boot.pickle", evil))
     else:
@@ -371,7 +423,7 @@ def _swap(kind: str, path: str, canary: Path, shared: Path) -> None:
 
 
 @needs_root
-@pytest.mark.parametrize("kind", ["symlink", "other-owner"])
+@pytest.mark.parametrize("kind", ["content", "symlink", "other-owner"])
 def test_swapped_boot_file_is_refused_by_the_worker(
     machine, monkeypatch, broker_url, log_dir, tmp_path, kind
 ):
@@ -401,7 +453,14 @@ def test_swapped_boot_file_is_refused_by_the_worker(
         with pytest.raises(ServiceStartError) as info:
             celery.start()
         (path,) = swapped
-        if kind == "symlink":
+        if kind == "content":
+            refusal = (
+                f"flask_execute.errors.SignatureError: Refusing the boot file {path}"
+                " (malformed): Envelope is not a flask-execute envelope. It is not what the"
+                " web process wrote for this worker, so nothing in it was unpickled and the"
+                f" worker does not start. Check who else can write to {os.path.dirname(path)}."
+            )
+        elif kind == "symlink":
             refusal = (
                 f"flask_execute.errors.UnsafePathError: Refusing to open {path}: it is a"
                 f" symbolic link (to '{machine.shared / 'boot.pickle'}'), which another user"

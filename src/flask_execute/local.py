@@ -30,13 +30,13 @@ import fcntl
 import hashlib
 import logging
 import os
-import secrets
 import socket
 import sys
 import threading
 import time
 import typing as t
 
+from . import bootfile
 from .config import worker_argv
 from .embedded import EmbeddedRedis
 from .embedded import redis_answers
@@ -65,6 +65,8 @@ log = logging.getLogger(__name__)
 
 CHILD_ENV = "FLASK_EXECUTE_CHILD"
 BOOT_ENV = "FLASK_EXECUTE_BOOT"
+#: The one-shot key of that child's boot file (environment only: never argv, never disk).
+BOOT_KEY_ENV = "FLASK_EXECUTE_BOOT_KEY"
 LIFELINE_FD_ENV = "FLASK_EXECUTE_LIFELINE_FD"
 
 
@@ -322,21 +324,18 @@ class LocalServices:
                 pass
         self._boot_paths = []
 
-    def boot_file(self, boot: dict[str, object]) -> str:
-        """A private copy of the boot file for one child, created under a new random
-        name (it deletes it once read: the file holds the app's secrets)."""
-        import cloudpickle
-
-        path = os.path.join(self._state.runtime_dir, f"boot-{secrets.token_hex(8)}.pickle")
-        with os.fdopen(create_private(path), "wb") as f:
-            cloudpickle.dump(boot, f)
+    def boot_file(self, boot: dict[str, object]) -> tuple[str, str]:
+        """A private, signed boot file for one child, and its one-shot key (see
+        :mod:`.bootfile`). The child deletes it once read: it holds the app's
+        secrets."""
+        path, key = bootfile.write(self._state.runtime_dir, boot)
         self._boot_paths.append(path)
-        return path
+        return path, key
 
 
 class _BootEnv(dict[str, str]):
     """The children's environment; each ``copy()`` (one per child) gets its own boot
-    file."""
+    file and key."""
 
     def __init__(
         self, base: t.Mapping[str, str], services: LocalServices, boot: dict[str, object]
@@ -347,5 +346,5 @@ class _BootEnv(dict[str, str]):
 
     def copy(self) -> dict[str, str]:
         env = dict(self)
-        env[BOOT_ENV] = self._services.boot_file(self._boot)
+        env[BOOT_ENV], env[BOOT_KEY_ENV] = self._services.boot_file(self._boot)
         return env
