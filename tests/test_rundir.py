@@ -152,7 +152,9 @@ def test_a_production_app_creates_no_runtime_directory(machine, monkeypatch):
     """Nothing to keep: no directory anywhere (www-data may not even have a home)."""
     monkeypatch.setattr(tempfile, "tempdir", str(machine.shared))
     monkeypatch.setenv("HOME", "/nonexistent")
-    app = machine.app(SECRET_KEY="production key", CELERY_START_LOCAL_WORKERS=False)
+    app = machine.app(
+        SECRET_KEY="a long production secret, not a guess", CELERY_START_LOCAL_WORKERS=False
+    )
     Celery(app)
     assert os.listdir(machine.run) == os.listdir(machine.shared) == []
     assert not os.path.exists("/nonexistent")
