@@ -31,6 +31,11 @@ def pytest_configure(config: pytest.Config) -> None:
     # Before any test module imports the test apps: they read the URL at import.
     global _redis
     os.makedirs(LOG_DIR, exist_ok=True)
+    # the apps' private runtime directories (signing key, locks, boot files, sockets)
+    # go to this session's own directory, not to the home of whoever runs the tests
+    runtime = os.path.join(_tmp.name, "run")
+    os.mkdir(runtime, 0o700)
+    os.environ["XDG_RUNTIME_DIR"] = runtime
     os.environ.setdefault("FLASK_EXECUTE_TEST_LOGS", LOG_DIR)
     if "FLASK_EXECUTE_TEST_REDIS" not in os.environ:
         _redis = EmbeddedRedis(

@@ -19,6 +19,7 @@ from .errors import SerializationError
 from .errors import ServiceStartError
 from .errors import SignatureError
 from .errors import TaskTimeoutError
+from .errors import UnsafePathError
 from .executor import CeleryExecutor
 from .futures import Future
 from .futures import FuturePool
@@ -42,6 +43,7 @@ __all__ = [
     "ServiceStartError",
     "SignatureError",
     "TaskTimeoutError",
+    "UnsafePathError",
     "current_task",
     "progress",
 ]

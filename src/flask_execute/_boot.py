@@ -3,11 +3,12 @@
 At ``init_app`` we record a *locator* for the app: the module attribute holding it, the
 factory function that built it (found on the call stack), a script file run as
 ``python app.py``, or — for apps built anywhere else (a test body, a notebook) — a bare
-app of the same name. At start-up the web process writes a private boot file with the
-locator, its ``sys.path`` and a snapshot of the app's effective config; the worker
-rebuilds the app through the locator while that snapshot is *pinned* (config writes of
-the factory to those keys are ignored), so the worker sees the same effective config as
-the web process — including overrides a test applied after ``create_app``.
+app of the same name. At start-up the web process writes a private, signed boot file
+(:mod:`.bootfile`) with the locator, its ``sys.path`` and a snapshot of the app's
+effective config; the worker verifies it, then rebuilds the app through the locator
+while that snapshot is *pinned* (config writes of the factory to those keys are
+ignored), so the worker sees the same effective config as the web process — including
+overrides a test applied after ``create_app``.
 
 Without a boot file (``celery -A flask_execute.celery worker`` by hand), the app is
 found like ``flask`` finds it: ``FLASK_APP`` or ``app.py`` / ``wsgi.py``.
@@ -21,7 +22,6 @@ import importlib
 import importlib.util
 import logging
 import os
-import pickle
 import signal
 import sys
 import threading
@@ -33,7 +33,9 @@ from collections.abc import Iterator
 from flask import Config
 from flask import Flask
 
+from . import bootfile
 from .local import BOOT_ENV
+from .local import BOOT_KEY_ENV
 from .local import CHILD_ENV
 from .local import LIFELINE_FD_ENV
 from .processes import READY_FD_ENV
@@ -184,12 +186,10 @@ def celery_app() -> t.Any:
     with _lock:
         if _celery_app is None:
             boot_path = os.environ.pop(BOOT_ENV, None)
+            boot_key = os.environ.pop(BOOT_KEY_ENV, None)  # nothing we start gets it
             if boot_path:
-                with open(boot_path, "rb") as f:
-                    # A 0600 file written by the process that started us, not broker data.
-                    boot = pickle.load(f)
-                os.unlink(boot_path)  # it holds the app's secrets; read once
-                app = build(boot)
+                # verified before it is unpickled; raising makes the worker exit
+                app = build(bootfile.read(boot_path, boot_key))
             else:
                 from flask.cli import ScriptInfo
 

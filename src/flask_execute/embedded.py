@@ -16,6 +16,8 @@ from .processes import Child
 from .processes import log_tail
 from .processes import spawn
 from .processes import terminate
+from .rundir import private_dir
+from .rundir import UNIX_PATH_MAX
 
 __all__ = ["EmbeddedRedis", "redis_answers", "redis_binary"]
 
@@ -123,14 +125,26 @@ class EmbeddedRedis:
     def start(self, timeout: float = 10.0) -> None:
         """Start and wait until it answers PING.
 
-        :raises ServiceStartError: no binary, or it exited / stayed silent (with the
-            tail of its log).
+        :raises ServiceStartError: no binary, a unix socket path too long for the
+            platform, or it exited / stayed silent (with the tail of its log).
+        :raises UnsafePathError: its directory is not private (ours, 0700, no link).
         """
         if self._child is not None and self._child.alive():
             return
-        os.makedirs(self.directory, mode=0o700, exist_ok=True)
-        if self.unix_socket and os.path.exists(self.unix_socket):
-            os.unlink(self.unix_socket)  # stale socket of a dead server
+        if self.unix_socket:
+            size = len(os.fsencode(self.unix_socket))
+            if size > UNIX_PATH_MAX:
+                raise ServiceStartError(
+                    f"The embedded Redis cannot listen on {self.unix_socket}: the path is"
+                    f" {size} bytes long, and unix sockets allow {UNIX_PATH_MAX}. Set"
+                    " XDG_RUNTIME_DIR (or XDG_CACHE_HOME) to a shorter directory of your"
+                    " own, or set CELERY_BROKER_URL."
+                )
+            try:
+                os.unlink(self.unix_socket)  # stale socket of a dead server
+            except FileNotFoundError:
+                pass
+        private_dir(self.directory)
         argv = self.argv()
         read, self._lifeline = os.pipe()
         guard = [sys.executable, "-m", "flask_execute._guard", str(read), "--", *argv]

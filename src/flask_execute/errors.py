@@ -22,6 +22,7 @@ __all__ = [
     "ServiceStartError",
     "SignatureError",
     "TaskTimeoutError",
+    "UnsafePathError",
 ]
 
 
@@ -51,6 +52,13 @@ class ServiceStartError(ExecuteError, RuntimeError):
 
     The message quotes the tail of the service's log file.
     """
+
+
+class UnsafePathError(ExecuteError, PermissionError):
+    """A directory or file where flask-execute keeps per-user secrets (its runtime
+    directory, the development signing key, a lock or boot file) is not private: it
+    is a symbolic link, belongs to another user, or others can write to it. Nothing
+    was read from it; the message names the path, what is wrong and the fix."""
 
 
 class SignatureError(ExecuteError):

@@ -2,8 +2,9 @@
 
 ``CELERY_SIGNING_KEY`` (plus ``CELERY_SIGNING_KEY_FALLBACKS``) when set; else keys
 derived from ``SECRET_KEY`` and ``SECRET_KEY_FALLBACKS``; else, in development, a
-random key kept in a 0600 file of the app's runtime directory, shared by its local
-workers. In production without a key, ``init_app`` refuses to start.
+random key kept in a 0600 file of the app's private runtime directory
+(:mod:`.rundir`), shared by its local workers. In production without a key,
+``init_app`` refuses to start.
 
 Whoever knows a key that verifies can run code on the workers, so weak keys are
 refused at ``init_app``: an empty key in any of the four settings always (an unset
@@ -17,11 +18,14 @@ import os
 import secrets
 import threading
 import typing as t
+from collections.abc import Callable
 
 from flask import Flask
 
 from . import config as config_module
 from .errors import ConfigurationError
+from .rundir import create_private
+from .rundir import open_private
 from .serialization import derive_key
 
 __all__ = [
@@ -58,9 +62,12 @@ _SETTINGS = (
 
 
 def signing_keys(
-    app: Flask, settings: config_module.Settings, rundir: str
+    app: Flask, settings: config_module.Settings, rundir: Callable[[], str]
 ) -> tuple[bytes, list[bytes]]:
     """(signing key, verify-only keys). The newest key signs; all verify.
+
+    ``rundir`` gives the app's runtime directory; it is only called for the
+    development key (an app with a key of its own needs no directory).
 
     :raises ConfigurationError: no key in production, or a weak key (see
         :func:`check_secrets`).
@@ -81,7 +88,7 @@ def signing_keys(
             "flask-execute signs every task and result and needs a key: set 'SECRET_KEY'"
             " or 'CELERY_SIGNING_KEY' (the same value on the web and worker processes)."
         )
-    return development_key(app, rundir), list(settings.signing_key_fallbacks)
+    return development_key(app, rundir()), list(settings.signing_key_fallbacks)
 
 
 def check_secrets(
@@ -141,11 +148,14 @@ def check_secrets(
 
 def development_key(app: Flask, rundir: str) -> bytes:
     """A per-app random key created once (0600), shared by local workers. Created
-    atomically (hard link of a complete file), so racing processes agree on it."""
+    atomically (hard link of a complete file), so racing processes agree on it.
+
+    :raises UnsafePathError: the key file is a link, another user's or not 0600.
+    """
     path = os.path.join(rundir, "signing.key")
     for _ in range(3):
         try:
-            with open(path, "rb") as f:
+            with os.fdopen(open_private(path), "rb") as f:
                 key = f.read()
             if len(key) >= 32:
                 return key
@@ -153,8 +163,7 @@ def development_key(app: Flask, rundir: str) -> bytes:
         except FileNotFoundError:
             pass
         tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(create_private(tmp), "wb") as f:
             f.write(secrets.token_bytes(32))
         try:
             os.link(tmp, path)  # fails if another process won the race: use theirs

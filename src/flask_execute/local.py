@@ -17,7 +17,8 @@ Policy for children, written down before the code:
 * Stop: SIGTERM to each main process (warm shutdown: running tasks finish), then after
   the timeout SIGQUIT, then SIGKILL to the whole process group; every child is reaped.
   Stop is idempotent; start works again after it.
-* One set per host: an ``flock`` on a lock file in the runtime directory. The process
+* One set per host: an ``flock`` on a lock file in the private runtime directory
+  (:mod:`.rundir`). The process
   holding it starts the services; other processes of the same app (gunicorn -w 4) wait
   for the workers to answer and take over if the holder dies.
 """
@@ -35,6 +36,7 @@ import threading
 import time
 import typing as t
 
+from . import bootfile
 from .config import worker_argv
 from .embedded import EmbeddedRedis
 from .embedded import redis_answers
@@ -42,11 +44,11 @@ from .embedded import redis_binary
 from .errors import ServiceStartError
 from .processes import Child
 from .processes import log_tail
-from .processes import runtime_dir
 from .processes import spawn
 from .processes import terminate
 from .processes import wait_ready
-from .processes import write_private
+from .rundir import create_private
+from .rundir import open_private
 
 if t.TYPE_CHECKING:
     from .state import _State
@@ -57,14 +59,14 @@ __all__ = [
     "log_tail",
     "redis_answers",
     "redis_binary",
-    "runtime_dir",
-    "write_private",
 ]
 
 log = logging.getLogger(__name__)
 
 CHILD_ENV = "FLASK_EXECUTE_CHILD"
 BOOT_ENV = "FLASK_EXECUTE_BOOT"
+#: The one-shot key of that child's boot file (environment only: never argv, never disk).
+BOOT_KEY_ENV = "FLASK_EXECUTE_BOOT_KEY"
 LIFELINE_FD_ENV = "FLASK_EXECUTE_LIFELINE_FD"
 
 
@@ -138,7 +140,10 @@ class LocalServices:
         identity = "|".join([self._state.broker_url, *sorted(self.expected_nodes())])
         digest = hashlib.sha256(identity.encode()).hexdigest()[:12]
         path = os.path.join(self._state.runtime_dir, f"services-{digest}.lock")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = create_private(path, os.O_RDWR)
+        except FileExistsError:
+            fd = open_private(path, os.O_RDWR)  # a link or another user's: refused
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -319,20 +324,18 @@ class LocalServices:
                 pass
         self._boot_paths = []
 
-    def boot_file(self, boot: dict[str, object]) -> str:
-        """A private copy of the boot file for one child (it deletes it once read:
-        the file holds the app's secrets)."""
-        path = os.path.join(
-            self._state.runtime_dir, f"boot-{os.getpid()}-{len(self._boot_paths)}.pickle"
-        )
-        write_private(path, boot)
+    def boot_file(self, boot: dict[str, object]) -> tuple[str, str]:
+        """A private, signed boot file for one child, and its one-shot key (see
+        :mod:`.bootfile`). The child deletes it once read: it holds the app's
+        secrets."""
+        path, key = bootfile.write(self._state.runtime_dir, boot)
         self._boot_paths.append(path)
-        return path
+        return path, key
 
 
 class _BootEnv(dict[str, str]):
     """The children's environment; each ``copy()`` (one per child) gets its own boot
-    file."""
+    file and key."""
 
     def __init__(
         self, base: t.Mapping[str, str], services: LocalServices, boot: dict[str, object]
@@ -343,5 +346,5 @@ class _BootEnv(dict[str, str]):
 
     def copy(self) -> dict[str, str]:
         env = dict(self)
-        env[BOOT_ENV] = self._services.boot_file(self._boot)
+        env[BOOT_ENV], env[BOOT_KEY_ENV] = self._services.boot_file(self._boot)
         return env

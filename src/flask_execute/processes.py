@@ -1,17 +1,16 @@
 """Processes we start: argv lists in their own session, output appended to a log
 file, readiness through a ready pipe, stop escalated TERM -> QUIT -> KILL, every child
-reaped. Used by the local services and by the embedded Redis."""
+reaped. Used by the local services and by the embedded Redis. (Their private
+directory and files: :mod:`.rundir`.)"""
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
 import select
 import signal
 import subprocess
-import tempfile
 import time
 import typing as t
 
@@ -21,11 +20,9 @@ __all__ = [
     "Child",
     "free_port",
     "log_tail",
-    "runtime_dir",
     "spawn",
     "terminate",
     "wait_ready",
-    "write_private",
 ]
 
 log = logging.getLogger(__name__)
@@ -40,20 +37,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def runtime_dir(key: str) -> str:
-    """A private (0700) directory for one app's locks, sockets and boot file.
-
-    Short, under the system temp dir, so that unix socket paths stay < 108 bytes.
-    """
-    base = os.path.join(tempfile.gettempdir(), f"flask-execute-{os.getuid()}")
-    os.makedirs(base, mode=0o700, exist_ok=True)
-    if os.stat(base).st_uid != os.getuid():  # pragma: no cover - hostile /tmp
-        raise ServiceStartError(f"{base} belongs to another user; refusing to use it.")
-    path = os.path.join(base, hashlib.sha256(key.encode()).hexdigest()[:12])
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    return path
 
 
 def log_tail(path: str, lines: int = 25) -> str:
@@ -214,15 +197,3 @@ def _killpg(child: Child, sig: int) -> None:
         os.killpg(child.pid, sig)  # start_new_session: pgid == pid
     except (ProcessLookupError, PermissionError):
         pass
-
-
-def write_private(path: str, obj: object) -> None:
-    """Pickle ``obj`` (cloudpickle: local classes too) to ``path``, readable by this
-    user only (0600, atomic replace)."""
-    import cloudpickle
-
-    tmp = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        cloudpickle.dump(obj, f)
-    os.replace(tmp, path)

@@ -6,6 +6,7 @@ app, and how outcomes, claims and cancellations work for it.
 from __future__ import annotations
 
 import datetime
+import functools
 import logging
 import os
 import pickle
@@ -23,6 +24,7 @@ from flask import Flask
 from kombu.exceptions import OperationalError
 
 from . import config as config_module
+from . import rundir
 from ._boot import locate
 from .claims import Claims
 from .context import _eager_listeners
@@ -45,7 +47,6 @@ from .local import CHILD_ENV
 from .local import EmbeddedRedis
 from .local import LocalServices
 from .local import redis_answers
-from .local import runtime_dir
 from .message_fields import lineage
 
 if t.TYPE_CHECKING:
@@ -72,11 +73,10 @@ class _State:
         celery_settings = config_module.celery_settings(app.config)
         self.is_child = bool(os.environ.get(CHILD_ENV))
         self.eager = self.settings.always_eager
-        self.runtime_dir = runtime_dir(f"{app.instance_path}|{app.import_name}")
         self.embedded_broker: EmbeddedRedis | None = None
         self.broker_url, self.backend_url = self._urls()
         self.codec = Codec(
-            *signing_keys(app, self.settings, self.runtime_dir),
+            *signing_keys(app, self.settings, lambda: self.runtime_dir),
             max_size=self.settings.max_message_size,
             encrypt=self.settings.encrypt,
         )
@@ -150,6 +150,13 @@ class _State:
     def __repr__(self) -> str:
         broker = _safe_url(self.broker_url)  # never the password
         return f"<flask-execute state of {self.app.import_name!r} broker={broker!r}>"
+
+    @functools.cached_property
+    def runtime_dir(self) -> str:
+        """This app's private directory (:mod:`.rundir`), created and verified on first
+        use: only the development key and the local services need one, so a
+        production web process never touches the disk for it."""
+        return rundir.runtime_dir(f"{self.app.instance_path}|{self.app.import_name}")
 
     def _register_dispatch(self, name: str, **options: t.Any) -> Task:
         """Register one dispatch task (the default one, or the at-least-once one)."""
@@ -227,7 +234,7 @@ class _State:
 
     @property
     def codec_keys(self) -> tuple[bytes, list[bytes]]:
-        return signing_keys(self.app, self.settings, self.runtime_dir)
+        return signing_keys(self.app, self.settings, lambda: self.runtime_dir)
 
     # --- local services -------------------------------------------------------------
     def worker_options(self, name: str, local: bool = True) -> dict[str, object]:
