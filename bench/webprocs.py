@@ -89,9 +89,9 @@ def _configuration(
             for proc in procs
         ]
         busy, idle_pids = procs[0], pids[1:]
+        subscriptions = _subscriptions(redis_client)  # its reply is no part of the run
         idle_before = _settle(idle_pids)
         before = _redis_counters(redis_client)
-        subscriptions = _subscriptions(redis_client)
         assert busy.stdin is not None
         busy.stdin.write(f"run {calls}\n".encode())
         busy.stdin.flush()
@@ -145,8 +145,9 @@ def _redis_counters(client: t.Any) -> dict[str, float]:
 
 def _subscriptions(client: t.Any) -> dict[str, int]:
     """Pub/sub on the server as the N calls start (``CLIENT LIST``, all dbs: the
-    workers' control connections are in too): connections that subscribe to anything,
-    and their channel and pattern subscriptions in all."""
+    workers' control connections and the orchestrator's result watchers of the other
+    apps are in too): connections that subscribe to anything, and their channel and
+    pattern subscriptions in all."""
     clients = client.client_list()
     counts = [int(c.get("sub", 0)) + int(c.get("psub", 0)) for c in clients]
     return {"subscribers": sum(1 for n in counts if n), "subscriptions": sum(counts)}
@@ -192,7 +193,9 @@ def rows(runs: list[dict[str, t.Any]]) -> list[Row]:
     head = f"P web processes ({ps}; P-1 idle, each after one call), {calls:,} calls from one:"
     out: list[Row] = []
 
-    def row(what: str, key: str, scale: float, unit: str, spec: str, target: bool) -> None:
+    def row(
+        what: str, key: str, scale: float, unit: str, spec: str, target: bool, note: str = ""
+    ) -> None:
         fe, plain = (_series(runs, side, key, counts) for side in ("fe", "plain"))
         text = {
             side: " / ".join(format(v * scale, spec) for v in values) + f" {unit}"
@@ -203,7 +206,7 @@ def rows(runs: list[dict[str, t.Any]]) -> list[Row]:
                 f"{head} {what}",
                 text["fe"],
                 text["plain"],
-                f"P={hi} ÷ P={lo}: {_ratio(fe):.2f}x (plain {_ratio(plain):.2f}x)",
+                f"P={hi} ÷ P={lo}: {_ratio(fe):.2f}x (plain {_ratio(plain):.2f}x){note}",
                 f"≤ {TARGET}x P={hi} ÷ P={lo} (issue 11)" if target else "—",
                 _ratio(fe) <= TARGET if target else None,
             )
@@ -211,7 +214,22 @@ def rows(runs: list[dict[str, t.Any]]) -> list[Row]:
 
     row("Redis output per task", "out_bytes", 1 / 1024, "KB", ",.2f", True)
     row("Redis input per task", "in_bytes", 1 / 1024, "KB", ",.2f", True)
-    row("CPU per task of all P web processes (busy + idle)", "web_cpu_s", 1e6, "µs", ",.0f", True)
+    # The same ratio within one configuration run: all P processes ÷ the busy one alone
+    # (what P = 1 would cost, minus the drift of the machine between two runs).
+    within = {
+        side: _per_task(runs, side, hi, "web_cpu_s") / _per_task(runs, side, hi, "busy_cpu_s")
+        for side in ("fe", "plain")
+    }
+    row(
+        "CPU per task of all P web processes (busy + idle)",
+        "web_cpu_s",
+        1e6,
+        "µs",
+        ",.0f",
+        True,
+        f"; at P={hi}, all ÷ the busy one alone: {within['fe']:.2f}x"
+        f" (plain {within['plain']:.2f}x)",
+    )
     # per idle process: P = 1 has none
     idle = {
         side: " / ".join(
@@ -250,7 +268,8 @@ def details(runs: list[dict[str, t.Any]]) -> list[str]:
         " deltas), CPU of `redis-server`, of the busy process and of the idle ones"
         ' (`/proc/<pid>/stat`). "pub/sub": connections subscribed to anything, and'
         " their subscriptions in all, as the calls start (`CLIENT LIST`, all dbs: the"
-        " workers' control connections are in too).",
+        " workers' control connections and the orchestrator's result watchers of the"
+        " other apps are in too).",
         "",
         "| side | P | round | calls | wall s | Redis out / task | Redis in / task |"
         " Redis CPU / task | busy CPU / task | idle CPU / task (all) | per idle process |"
