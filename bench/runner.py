@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="a ~1 minute smoke run with small sizes; writes bench/RESULTS.tmp only",
+        help="a ~1.5 minute smoke run with small sizes; writes bench/RESULTS.tmp only",
     )
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
