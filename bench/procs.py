@@ -25,6 +25,7 @@ from flask_execute.local import log_tail
 
 __all__ = [
     "ChildFailed",
+    "child_pids",
     "free_port",
     "proc_cpu_seconds",
     "proc_status_kb",
@@ -54,6 +55,23 @@ def proc_status_kb(field: str, pid: int | str = "self") -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     raise LookupError(f"no {field} in /proc/{pid}/status")
+
+
+def child_pids(pid: int | None = None) -> list[int]:
+    """The processes whose parent is ``pid`` (default: this process), from ``/proc``."""
+    parent = os.getpid() if pid is None else pid
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(") ", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        if ppid == parent:
+            found.append(int(entry))
+    return found
 
 
 def proc_cpu_seconds(pid: int | str = "self") -> float:

@@ -301,7 +301,13 @@ def _stop_all(
     webp_celery: t.Any = None,
 ) -> None:
     """Stop what :func:`run` started; one failing stop does not skip the others."""
-    from flask_execute.watcher import _stop_all as stop_watchers
+
+    def stop_watchers() -> None:
+        # a private hook of today's watcher module: imported here, inside a step, so
+        # that a redesigned result path cannot keep the private Redis from stopping
+        from flask_execute.watcher import _stop_all
+
+        _stop_all()
 
     steps: list[tuple[str, t.Callable[[], object]]] = []
     if fe_celery is not None:
