@@ -3,8 +3,11 @@
 ``python -m bench`` (or ``make bench``) starts a private Redis, one flask-execute worker
 (auto-started by the extension) and one plain ``celery worker`` (prefork, concurrency 2
 each), runs every measurement alternating the two sides so that machine drift cancels,
-prints medians and ratios, and rewrites ``bench/RESULTS.md``. ``python -m bench --quick``
-is a one-minute smoke run that writes ``bench/RESULTS.tmp`` instead.
+prints medians and ratios, and rewrites ``bench/RESULTS.md``. It ends with the "P web
+processes" scenario of issue 11 (:mod:`bench.webprocs`: P - 1 idle web processes while
+one makes N calls, on a third flask-execute app with a worker of the same shape).
+``python -m bench --quick`` is a 1.5-minute smoke run that writes ``bench/RESULTS.tmp``
+instead.
 
 The benchmark is never part of the test run.
 """

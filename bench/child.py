@@ -5,6 +5,10 @@ Each prints one JSON object as its last line of stdout. ``coldstart-fe`` and
 call: ``celery.status()`` / ``control.ping(timeout=1)``); ``growth`` times a ``map`` and
 reads this process's memory (``/proc/self/status``); ``parked`` measures what pending
 futures hold, by routing the calls to a queue no worker consumes.
+
+``webproc`` is different: a long-lived "web process" of the P-web-processes scenario
+(:mod:`bench.webprocs`), driven through lines on its stdin, answering one JSON line
+each on its stdout.
 """
 
 from __future__ import annotations
@@ -15,17 +19,18 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 import tracemalloc
 import typing as t
 
+from bench.procs import child_pids
 from bench.procs import proc_status_kb
 from bench.procs import start_plain_worker
 
 
 def coldstart_fe() -> dict[str, t.Any]:
     """First ``submit`` → first result on a fresh app; local workers start on demand."""
-    from bench.cold_app import app
     from bench.cold_app import celery
     from bench.tasks import add
 
@@ -34,7 +39,9 @@ def coldstart_fe() -> dict[str, t.Any]:
         start = time.perf_counter()
         value = celery.submit(add, 1, 1).result(timeout=60)
         seconds = time.perf_counter() - start
-        pids = [child.pid for child in app.extensions["celery"].services.children]
+        # the local services are this process's only children (read from /proc: no
+        # reliance on how the extension keeps them)
+        pids = child_pids()
         # the first status() of a process also pays for Celery's lazy control set-up
         start = time.perf_counter()
         answer = celery.status()
@@ -170,6 +177,65 @@ def parked(side: str, size: int, chunksize: int | None, queue: str) -> dict[str,
     }
 
 
+def webproc(side: str) -> dict[str, t.Any]:
+    """A web process that served one request, then takes orders on stdin.
+
+    First it makes one call and waits for its result, as a gunicorn worker that served
+    one request would (flask-execute: ``submit(add, 0, 0).result()``, which leaves its
+    result watcher live; plain Celery: ``add.delay(0, 0).get()`` on its result backend),
+    then prints ``{"ready": ..., "pid": ...}``. Each line ``run N`` on stdin then makes N
+    calls: all submitted first (flask-execute ``submit``, plain ``delay()``), then every
+    result waited for in order (``Future.result()`` / ``AsyncResult.get()`` each, the
+    plain recipe of the other ``delay()`` loops of this benchmark); it answers with the
+    wall time and this process's CPU time (all threads, so flask-execute's watcher
+    counts) for the N calls. An idle web process gets no ``run``. End of stdin ends it.
+    """
+    # the protocol owns the real stdout; anything a library prints goes to the log
+    protocol = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+
+    def answer(out: dict[str, t.Any]) -> None:
+        protocol.write(json.dumps(out) + "\n")
+        protocol.flush()
+
+    if side == "fe":
+        from bench.tasks import add
+        from bench.webp_app import celery
+
+        def call_all(n: int) -> list[int]:
+            futures = [celery.submit(add, i, i) for i in range(n)]
+            return [f.result(timeout=600) for f in futures]
+
+        first = celery.submit(add, 0, 0).result(timeout=60)
+    else:
+        from bench.plain_app import add as plain_add
+
+        def call_all(n: int) -> list[int]:
+            results = [plain_add.delay(i, i) for i in range(n)]
+            return [r.get(timeout=600) for r in results]
+
+        first = plain_add.delay(0, 0).get(timeout=60)
+    assert first == 0, first
+    answer({"ready": side, "pid": os.getpid()})
+    runs = 0
+    for line in sys.stdin:
+        command, _, arg = line.strip().partition(" ")
+        if command != "run":
+            raise SystemExit(f"webproc: unknown command {line.strip()!r}; expected 'run N'")
+        n = int(arg)
+        cpu = time.process_time()
+        start = time.perf_counter()
+        values = call_all(n)
+        wall = time.perf_counter() - start
+        cpu = time.process_time() - cpu
+        if values != [2 * i for i in range(n)]:
+            raise AssertionError(f"webproc {side}: wrong results")
+        runs += 1
+        answer({"calls": n, "wall_s": wall, "cpu_s": cpu})
+    return {"side": side, "runs": runs}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.child")
     sub = parser.add_subparsers(dest="kind", required=True)
@@ -185,6 +251,8 @@ def main() -> None:
     park.add_argument("--size", type=int, required=True)
     park.add_argument("--chunksize", type=int)
     park.add_argument("--queue", required=True)
+    web = sub.add_parser("webproc")
+    web.add_argument("--side", choices=["fe", "plain"], required=True)
     args = parser.parse_args()
     if args.kind == "coldstart-fe":
         out = coldstart_fe()
@@ -192,6 +260,8 @@ def main() -> None:
         out = coldstart_plain(args.log)
     elif args.kind == "growth":
         out = growth(args.size, args.chunksize, args.repeat)
+    elif args.kind == "webproc":
+        out = webproc(args.side)
     else:
         out = parked(args.side, args.size, args.chunksize, args.queue)
     print(json.dumps(out), flush=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -24,9 +25,13 @@ from flask_execute.local import log_tail
 
 __all__ = [
     "ChildFailed",
+    "child_pids",
     "free_port",
+    "proc_cpu_seconds",
     "proc_status_kb",
+    "read_json_line",
     "run_child",
+    "start_child",
     "start_plain_worker",
     "stop_group",
     "wait_gone",
@@ -50,6 +55,33 @@ def proc_status_kb(field: str, pid: int | str = "self") -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     raise LookupError(f"no {field} in /proc/{pid}/status")
+
+
+def child_pids(pid: int | None = None) -> list[int]:
+    """The processes whose parent is ``pid`` (default: this process), from ``/proc``."""
+    parent = os.getpid() if pid is None else pid
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(") ", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        if ppid == parent:
+            found.append(int(entry))
+    return found
+
+
+def proc_cpu_seconds(pid: int | str = "self") -> float:
+    """CPU time (user + system, all threads) ``pid`` consumed so far, from
+    ``/proc/<pid>/stat``, in seconds (resolution: one clock tick, 10 ms on Linux)."""
+    with open(f"/proc/{pid}/stat") as f:
+        # the command name (field 2) may contain spaces: split after its ")"
+        fields = f.read().rsplit(") ", 1)[1].split()
+    utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
+    return (utime + stime) / os.sysconf("SC_CLK_TCK")
 
 
 def stop_group(process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
@@ -95,6 +127,23 @@ def start_plain_worker(
         )
 
 
+def _spawn_child(
+    args: list[str], env: dict[str, str], log_path: str, *, stdin: int
+) -> subprocess.Popen[bytes]:
+    """``python -m bench.child ARGS`` in a session of its own, stderr to ``log_path``."""
+    argv = [sys.executable, "-m", "bench.child", *args]
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            argv,
+            stdin=stdin,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            env=env,
+            cwd=ROOT,
+            start_new_session=True,
+        )
+
+
 def run_child(
     args: list[str], env: dict[str, str], log_path: str, timeout: float
 ) -> dict[str, t.Any]:
@@ -104,17 +153,7 @@ def run_child(
     :raises ChildFailed: non-zero exit, no JSON, or ``timeout`` passed (then its whole
         process group is killed).
     """
-    argv = [sys.executable, "-m", "bench.child", *args]
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=log,
-            env=env,
-            cwd=ROOT,
-            start_new_session=True,
-        )
+    process = _spawn_child(args, env, log_path, stdin=subprocess.DEVNULL)
     try:
         out, _ = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -133,6 +172,50 @@ def run_child(
             f" {log_path}:\n{log_tail(log_path)}"
         )
     return t.cast(dict[str, t.Any], json.loads(lines[-1]))
+
+
+def start_child(args: list[str], env: dict[str, str], log_path: str) -> subprocess.Popen[bytes]:
+    """Start ``python -m bench.child ARGS`` and leave it running: a child that talks
+    through lines (commands on its stdin, one JSON object per answer on its stdout; see
+    :func:`read_json_line`). Stop it with :func:`stop_group`, in a ``finally``."""
+    return _spawn_child(args, env, log_path, stdin=subprocess.PIPE)
+
+
+def read_json_line(
+    process: subprocess.Popen[bytes], timeout: float, log_path: str
+) -> dict[str, t.Any]:
+    """The next line a :func:`start_child` child prints, as JSON, waiting at most
+    ``timeout`` seconds.
+
+    Reads the pipe byte-wise through ``select`` (no buffered ``readline`` that could
+    block past the deadline).
+
+    :raises ChildFailed: the child exited, printed something that is not JSON, or
+        said nothing in time (the message carries the tail of ``log_path``).
+    """
+    assert process.stdout is not None
+    fd = process.stdout.fileno()
+    deadline = time.monotonic() + timeout
+    line = bytearray()
+    while not line.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        ready = select.select([fd], [], [], max(left, 0))[0] if left > 0 else []
+        if not ready:
+            raise ChildFailed(
+                f"child {process.pid} ({process.args!r}) said nothing"
+                f" for {timeout} s. Last lines of {log_path}:\n{log_tail(log_path)}"
+            )
+        chunk = os.read(fd, 1)
+        if not chunk:
+            raise ChildFailed(
+                f"child {process.pid} exited ({process.wait(10)}) before answering. Last"
+                f" lines of {log_path}:\n{log_tail(log_path)}"
+            )
+        line += chunk
+    try:
+        return t.cast(dict[str, t.Any], json.loads(line))
+    except ValueError:
+        raise ChildFailed(f"child {process.pid} printed {bytes(line)!r}, not JSON") from None
 
 
 def wait_gone(pids: list[int], timeout: float = 15.0) -> list[int]:

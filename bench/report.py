@@ -2,7 +2,8 @@
 
 Ratios: for latencies, ``flask-execute ÷ plain`` ("x time": below 1 is faster); for
 ``map``, ``plain ÷ flask-execute`` ("x faster": above 1 is faster). Every figure is a
-median unless it says otherwise. Targets are the ones of issue 6.
+median unless it says otherwise. Targets are the ones of issue 6, unless a row names
+another issue. The P-web-processes rows come from :mod:`bench.webprocs`.
 """
 
 from __future__ import annotations
@@ -355,7 +356,14 @@ def _per_pending(p: dict[str, t.Any] | None) -> tuple[float, float]:
 
 
 # --- output ----------------------------------------------------------------------------
-HEADER = ("measurement", "flask-execute", "plain Celery", "ratio", "target (issue 6)", "met?")
+HEADER = (
+    "measurement",
+    "flask-execute",
+    "plain Celery",
+    "ratio",
+    "target (issue 6 unless noted)",
+    "met?",
+)
 
 
 def table(rows: list[Row]) -> str:
@@ -383,7 +391,9 @@ def markdown(
     plan: Plan,
     machine: dict[str, t.Any],
     elapsed: float,
+    extra_details: list[str] | None = None,
 ) -> str:
+    """RESULTS.md: ``extra_details`` (lines) ends the Details section."""
     v = machine["versions"]
     redis = results["redis"]
     out = [
@@ -422,6 +432,15 @@ def markdown(
         " 5 (result keys prefixed `crypt:`). Its round trips and `map`s run in the same"
         " alternation as the other two sides (three sides cycle through the six orders,"
         " each followed by its mirror); its worker is stopped before the later measurements.",
+        "- The P-web-processes rows (issue 11): P fresh web processes (P = "
+        + " / ".join(map(str, plan.web_processes))
+        + "), each after one call, P - 1 idle while one submits"
+        f" {plan.web_calls:,} calls and waits for all; flask-execute on a third app of"
+        " the same shape (`bench-webp` worker, db 6, result keys prefixed `webp:`, its"
+        " worker started with `celery.start()` so that the orchestrator watches none of"
+        " its results), plain Celery on its worker above. Fresh processes per"
+        " configuration, sides in ABBA order, P ascending then descending per round"
+        f" ({plan.web_rounds} round(s)).",
         "- Alternation: round trips in blocks of"
         f" {plan.rt_block} calls ({plan.rt_blocks} blocks per side);"
         f" {plan.map_rounds} round(s) of the six `map` ways, in mirrored orders (ABCDEF,"
@@ -443,8 +462,8 @@ def markdown(
     out += ["## Targets not met", ""]
     if missed:
         out.append(
-            "These targets of issue 6 are **not met** by this run (no benchmark-specific"
-            " code path exists to make them look better):"
+            "These targets (of issue 6 unless the row names another) are **not met** by"
+            " this run (no benchmark-specific code path exists to make them look better):"
         )
         out.append("")
         for r in missed:
@@ -453,9 +472,11 @@ def markdown(
                 f" target {r.target}."
             )
     else:
-        out.append("None: every target of issue 6 is met by this run.")
+        out.append("None: every target is met by this run.")
     out += ["", "## Details", ""]
     out += _details(results, plan)
+    if extra_details:
+        out += ["", *extra_details]
     return "\n".join(out) + "\n"
 
 
