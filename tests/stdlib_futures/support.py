@@ -135,6 +135,13 @@ def raise_(exc: BaseException) -> t.NoReturn:
     raise exc
 
 
+def timeout_on_one(x: int) -> int:
+    """CPython main's ``timeout_on_one``: a call whose own exception is TimeoutError."""
+    if x == 1:
+        raise TimeoutError("from the task")
+    return x
+
+
 def record(log: RemoteList, value: object) -> None:
     log.append(str(value))
 

@@ -283,12 +283,6 @@ def test_error_during_func_exec_on_worker(executor):
 
 
 # --- issue 11 ----------------------------------------------------------------------
-def timeout_on_one(x):
-    if x == 1:
-        raise TimeoutError("from the task")
-    return x
-
-
 # issue 11: "a task that raises TimeoutError reaches the caller as
 # TaskTimeoutError('not done after None s (state FAILURE)') through result()". The
 # task's own exception, with its own type; a timeout error only when we timed out.
@@ -299,14 +293,14 @@ def timeout_on_one(x):
     " ('not done after ... (state FAILURE)'), not as its own TimeoutError",
 )
 def test_task_timeout_error_is_the_tasks_own(executor):
-    future = executor.submit(timeout_on_one, 1)
+    future = executor.submit(support.timeout_on_one, 1)
     assert type(future.exception(timeout=SHORT)) is TimeoutError
     with pytest.raises(TimeoutError) as cm:
         future.result(timeout=SHORT)
     assert type(cm.value) is TimeoutError
     assert cm.value.args == ("from the task",)
 
-    i = executor.map(timeout_on_one, [0, 1, 2, 3], timeout=SHORT)
+    i = executor.map(support.timeout_on_one, [0, 1, 2, 3], timeout=SHORT)
     assert next(i) == 0
     with pytest.raises(TimeoutError) as cm:
         next(i)
