@@ -10,9 +10,7 @@ CANCELLED/CANCELLED_AND_NOTIFIED a queued call cancelled by ``cancel()`` /
 Assertions on the private ``_state`` become the public predicate of that state
 (``cancelled()``, ``running()``, ``done()``), so the port does not pin our internals.
 
-Not applicable:
-- ``test_class_str``: checks the names of the stdlib's own classes
-  (``str(futures.Future)``), not a behaviour of any executor or future.
+All of CPython 3.13.0's Future tests apply.
 """
 
 from __future__ import annotations
