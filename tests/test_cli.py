@@ -15,6 +15,7 @@ from tests.conftest import descendants
 from tests.conftest import wait_gone
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SRC = os.path.join(ROOT, "src")
 
 
 def test_status_table_and_json(direct_app):
@@ -70,7 +71,12 @@ def _flask(args, tmp_path, env=None, **kwargs):
     return subprocess.Popen(
         [sys.executable, "-m", "flask", *args],
         cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), ROOT]), **(env or {})},
+        # this checkout's src first: the venv's own install may be another checkout
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(tmp_path), SRC, ROOT]),
+            **(env or {}),
+        },
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
