@@ -22,6 +22,7 @@ from flask.cli import AppGroup
 from flask.cli import with_appcontext
 
 from .config import worker_argv
+from .processes import make_private_dir
 
 if t.TYPE_CHECKING:
     from .state import _State
@@ -111,7 +112,7 @@ def beat(args: tuple[str, ...]) -> None:
     """Run beat with the schedules of @celery.schedule and beat_schedule."""
     state = _state()
     log_dir = state.settings.log_dir or os.getcwd()
-    os.makedirs(log_dir, exist_ok=True)
+    make_private_dir(log_dir)
     defaults = [
         f"--loglevel={state.settings.log_level}",
         f"--schedule={os.path.join(log_dir, 'celerybeat-schedule')}",

@@ -28,6 +28,7 @@ from .errors import RemoteError
 from .errors import SerializationError
 from .errors import SignatureError
 from .message_fields import unsigned_field_problem
+from .redaction import SealedResult
 from .serialization import dump_exception
 from .serialization import dumps
 from .serialization import format_exception
@@ -37,7 +38,7 @@ if t.TYPE_CHECKING:
 
     from .state import _State
 
-__all__ = ["DISPATCH", "execute", "make_carrier", "security_log"]
+__all__ = ["DISPATCH", "dispatch_base", "execute", "make_carrier", "security_log"]
 
 DISPATCH = "flask_execute.dispatch"
 #: The at-least-once variant: acknowledged after the call, requeued if its worker
@@ -51,11 +52,14 @@ _CONTROL_FLOW = (Retry, Ignore, Reject)
 class SafeRequest(CeleryRequest):  # type: ignore[misc]
     """Requests of the dispatch tasks, in the worker's main process.
 
-    ``inspect active/reserved/scheduled`` (and so Flower) show ``<module:qualname>``,
-    never the envelope with the pickled arguments. Before a message reaches the pool,
-    its unsigned fields are checked (:func:`unsigned_field_problem`): a message that
-    carries request fields we never send is logged at CRITICAL, acknowledged and
-    dropped, and nothing of it runs.
+    ``inspect active/reserved/scheduled/query_task`` (and so Flower), the
+    ``task-received`` event, the ``received`` log line and the task's own request show
+    ``<module:qualname>`` as the arguments, never the envelope with the pickled
+    arguments, whatever ``argsrepr`` the message carries (a retry queued by an older
+    version, anyone's ``send_task``). Before a message reaches the pool, its unsigned
+    fields are checked (:func:`unsigned_field_problem`): a message that carries
+    request fields we never send is logged at CRITICAL, acknowledged and dropped, and
+    nothing of it runs.
     """
 
     def info(self, safe: bool = False) -> dict[str, t.Any]:
@@ -65,6 +69,9 @@ class SafeRequest(CeleryRequest):  # type: ignore[misc]
         super().__init__(*args, **kwargs)
         self.field_problem = unsigned_field_problem(self.message.headers or {}, self._payload[2])
         self._field_rejected = False
+        # what is shown of the arguments: the label, never the message's argsrepr
+        self._argsrepr = self._request_dict["argsrepr"] = f"<{self.name}>"
+        self._kwargsrepr = self._request_dict["kwargsrepr"] = "{}"
 
     def revoked(self) -> bool:
         # Celery asks this of every request before it hands it to the pool (and skips
@@ -79,12 +86,56 @@ class SafeRequest(CeleryRequest):  # type: ignore[misc]
         return True
 
 
+def dispatch_base(task_class: type[Task]) -> type[Task]:
+    """The base class of the dispatch tasks of one app: ``task_class`` (the app's
+    task class, derived from the user's ``base_task``) with a :meth:`retry` that shows
+    no value."""
+
+    class DispatchTask(task_class):  # type: ignore[misc]
+        abstract = True
+
+        def retry(
+            self,
+            args: t.Any = None,
+            kwargs: t.Any = None,
+            exc: BaseException | None = None,
+            throw: bool = True,
+            eta: t.Any = None,
+            countdown: float | None = None,
+            max_retries: int | None = None,
+            **options: t.Any,
+        ) -> t.Any:
+            """``current_task.retry()`` of a submitted call: Celery's, publishing the
+            retry with ``<module:qualname>`` as its ``argsrepr`` (Celery's default is
+            the envelope, shown by ``inspect scheduled`` and the ``task-sent`` event),
+            and raising ``MaxRetriesExceededError`` without the envelope Celery
+            quotes in its message."""
+            label = self.request.shadow or self.name
+            options.setdefault("argsrepr", f"<{label}>")
+            options.setdefault("kwargsrepr", "{}")
+            try:
+                return super().retry(
+                    args, kwargs, exc, throw, eta, countdown, max_retries, **options
+                )
+            except self.MaxRetriesExceededError as error:
+                if error is exc:
+                    raise  # retry(exc=...) raises the caller's own exception
+                limit = self.max_retries if max_retries is None else max_retries
+                raise self.MaxRetriesExceededError(
+                    f"Can't retry {label}[{self.request.id}]: max_retries ({limit}) exceeded."
+                ) from None
+
+    DispatchTask.__name__ = DispatchTask.__qualname__ = f"DispatchTask[{task_class.__name__}]"
+    return DispatchTask
+
+
 def dispatch_entry(task: Task, state: _State, args: tuple[t.Any, ...],
                    kwargs: dict[str, t.Any]) -> t.Any:  # fmt: skip
     """The body of both dispatch tasks: exactly one argument, the envelope."""
     if len(args) != 1 or kwargs:
         _reject(task, SignatureError("malformed", "A dispatch message carries one envelope."))
-    return execute(task, state, args[0])
+    # what Celery logs and announces of the result is its repr: keep the envelope out
+    return SealedResult(execute(task, state, args[0]))
 
 
 _carriers: dict[tuple[str, str], type[Exception]] = {}

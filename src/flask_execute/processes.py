@@ -20,6 +20,7 @@ __all__ = [
     "Child",
     "free_port",
     "log_tail",
+    "make_private_dir",
     "spawn",
     "terminate",
     "wait_ready",
@@ -37,6 +38,17 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def make_private_dir(path: str) -> None:
+    """Create the directory ``path`` (and missing parents) with mode 0700, so that only
+    this user reads the logs in it. An existing directory is left as it is: its mode
+    is its owner's choice."""
+    try:
+        os.makedirs(path, mode=0o700)
+    except FileExistsError:
+        return
+    os.chmod(path, 0o700)  # makedirs' mode is subject to the umask
 
 
 def log_tail(path: str, lines: int = 25) -> str:
@@ -79,8 +91,9 @@ def spawn(
     pass_fds: tuple[int, ...] = (),
     ready: bool = False,
 ) -> Child:
-    """Start one child in its own session, output appended to ``log_path``."""
-    os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
+    """Start one child in its own session, output appended to ``log_path`` (created
+    0600 in a directory created 0700: logs name tasks and show their failures)."""
+    make_private_dir(os.path.dirname(log_path) or ".")
     ready_r = ready_w = None
     child_env = env.copy()
     fds = list(pass_fds)
@@ -88,7 +101,8 @@ def spawn(
         ready_r, ready_w = os.pipe()
         child_env[READY_FD_ENV] = str(ready_w)
         fds.append(ready_w)
-    with open(log_path, "ab") as logfile:
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "ab") as logfile:
         try:
             process = subprocess.Popen(
                 argv,

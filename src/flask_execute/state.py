@@ -24,6 +24,7 @@ from flask import Flask
 from kombu.exceptions import OperationalError
 
 from . import config as config_module
+from . import redaction
 from . import rundir
 from ._boot import locate
 from .claims import Claims
@@ -31,6 +32,7 @@ from .context import _eager_listeners
 from .context import make_task_class
 from .control import Inspect
 from .dispatch import DISPATCH
+from .dispatch import dispatch_base
 from .dispatch import dispatch_entry
 from .dispatch import DISPATCH_LATE
 from .dispatch import SafeRequest
@@ -70,6 +72,7 @@ class _State:
         self.extension = ext
         self.app = app
         self.settings = config_module.load(app.config)
+        redaction.install()  # Celery logs no envelope in this process (worker or not)
         celery_settings = config_module.celery_settings(app.config)
         self.is_child = bool(os.environ.get(CHILD_ENV))
         self.eager = self.settings.always_eager
@@ -170,6 +173,7 @@ class _State:
             shared=False,
             typing=False,
             track_started=False,
+            base=dispatch_base(self.task_class),
             Request=SafeRequest,
             **options,
         )
@@ -392,7 +396,7 @@ class _State:
         finally:
             _eager_listeners.reset(token)
         if result.state == "SUCCESS":
-            meta = {"status": "SUCCESS", "result": result.result}
+            meta = {"status": "SUCCESS", "result": redaction.unwrap(result.result)}
         else:
             exc = result.result
             args = list(getattr(exc, "args", ()))
