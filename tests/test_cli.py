@@ -192,3 +192,36 @@ def test_control_shutdown_is_not_an_error(tmp_path, tmp_modules, broker_url, log
             worker.kill()
             worker.wait()
         worker.stdout.close()
+
+
+def test_flower_subprocess_asks_for_a_login(tmp_path, tmp_modules, broker_url, log_dir):
+    """`flask celery flower` without CELERY_FLOWER_BASIC_AUTH: a password generated and
+    printed once, passed to Flower in its environment, never on its command line."""
+    from tests.conftest import free_port
+    from tests.test_leaks import fetch
+
+    port = free_port()
+    config = dict(SECRET_KEY="cli-secret-for-tests", CELERY_BROKER_URL=broker_url,
+                  CELERY_LOG_DIR=log_dir, CELERY_FLOWER_PORT=port,
+                  CELERY_START_LOCAL_WORKERS=False)  # fmt: skip
+    tmp_modules.write_factory_app("cliapp", config)
+    proc = _flask(["--app", "cliapp:create_app", "celery", "flower"], tmp_path,
+                  start_new_session=True)  # fmt: skip
+    try:
+        lines = _wait_for(proc, "Flower login: ")
+        password = lines[-1].split("password ", 1)[1].split(" ", 1)[0]
+        assert len(password) >= 20
+        lines += _wait_for(proc, "Visit me at")
+        url = f"http://127.0.0.1:{port}"
+        assert fetch(url + "/workers")[0] == 401
+        assert fetch(url + "/workers", f"flower:{password}")[0] == 200
+        with open(f"/proc/{proc.pid}/cmdline", "rb") as f:
+            assert password.encode() not in f.read()
+        assert sum(password in line for line in lines) == 1
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        proc.stdout.close()

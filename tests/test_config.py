@@ -79,6 +79,7 @@ def test_defaults() -> None:
         unsafe_allow_pickle=False,
         max_deliveries=3,
         encrypt=False,
+        flower_basic_auth=[],
     )
 
 
@@ -108,6 +109,7 @@ def test_key_table_covers_the_documented_keys() -> None:
         "CELERY_FLOWER": True,
         "CELERY_FLOWER_PORT": 5555,
         "CELERY_FLOWER_ADDRESS": "127.0.0.1",
+        "CELERY_FLOWER_BASIC_AUTH": None,
         "CELERY_SCHEDULER": True,
         "CELERY_SANITIZE_ARGUMENTS": True,
         "CELERY_ALWAYS_EAGER": False,
@@ -195,6 +197,8 @@ def test_worker_options_are_normalized(
         ("CELERY_FLOWER_PORT", 1, "flower_port", 1),
         ("CELERY_FLOWER_PORT", 65535, "flower_port", 65535),
         ("CELERY_FLOWER_ADDRESS", "0.0.0.0", "flower_address", "0.0.0.0"),
+        ("CELERY_FLOWER_BASIC_AUTH", "ops:s3cret", "flower_basic_auth", ["ops:s3cret"]),
+        ("CELERY_FLOWER_BASIC_AUTH", ("a:b", "c:d:e"), "flower_basic_auth", ["a:b", "c:d:e"]),
         ("CELERY_SCHEDULER", False, "scheduler", False),
         ("CELERY_SANITIZE_ARGUMENTS", False, "sanitize_arguments", False),
         ("CELERY_ALWAYS_EAGER", True, "always_eager", True),
@@ -434,6 +438,37 @@ def test_urls_from_the_celery_dict() -> None:
 )
 def test_rejected_values(cfg: dict[str, object], message: str) -> None:
     assert rejection(cfg) == message
+
+
+_LOGIN = (
+    "'CELERY_FLOWER_BASIC_AUTH' must be 'user:password' or a list of them, or None to"
+    " generate a password at each start; got {} (the value is not shown: it holds a"
+    " password)."
+)
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("s3cret", "an entry without a user, a ':' or a password"),
+        ("ops:", "an entry without a user, a ':' or a password"),
+        (":s3cret", "an entry without a user, a ':' or a password"),
+        (["ops:s3cret", "s3cret2"], "an entry without a user, a ':' or a password"),
+        ("ops:s3c,ret", "a comma in the entry of user 'ops'"),
+        (["ops:s3cret", 7], "an entry of type int"),
+        ([], "an empty list"),
+        ({"ops": "s3cret"}, "a value of type dict"),
+        (12345, "a value of type int"),
+    ],
+)
+def test_flower_login_errors_never_quote_the_password(value: object, problem: str) -> None:
+    message = rejection({"CELERY_FLOWER_BASIC_AUTH": value})
+    assert message == _LOGIN.format(problem)
+    assert "s3c" not in message and "12345" not in message
+
+
+def test_flower_login_is_not_in_the_settings_repr() -> None:
+    assert "s3cret" not in repr(load({"CELERY_FLOWER_BASIC_AUTH": "ops:s3cret"}))
 
 
 def test_pytest_raises_match_form() -> None:

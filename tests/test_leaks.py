@@ -6,7 +6,7 @@ Celery events with a secret *canary* passed as an argument and returned as a res
 and searches everything a bystander can read for the canary (plain or base64) and for
 an envelope: every line of the worker's log, every ``inspect`` reply, every task
 event, Flower's pages and API, the web process's log records and the exceptions a
-caller gets. Logs are private files.
+caller gets. Logs are private files; the local Flower asks for a login.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import pickle
 import stat
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable
 
@@ -340,6 +342,149 @@ def test_a_message_with_the_envelope_as_argsrepr_shows_its_label(direct):  # noq
     for command, reply in replies.items():
         assert_clean(f"inspect {command}", json.dumps(reply, default=str), secret)
     assert_clean("the worker log", read(direct.log, offset), secret)
+
+
+# --- item 9: Flower ------------------------------------------------------------------------
+def fetch(url: str, login: str | None = None) -> tuple[int, str]:
+    """(status, body) of a GET, with HTTP basic auth when ``login`` is given."""
+    request = urllib.request.Request(url)
+    if login is not None:
+        request.add_header("Authorization", "Basic " + base64.b64encode(login.encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def wait_for_flower(url: str, login: str, probe: Callable[[], str]) -> None:
+    """Until Flower answers and follows the task events (a probe task shows up)."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            path = f"{url}/api/task/info/{probe()}"
+            if wait_for(lambda: fetch(path, login)[0] == 200, 2):  # noqa: B023
+                return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, "Flower did not follow the task events"
+
+
+PAGES = ("/", "/workers", "/tasks", "/api/tasks", "/api/workers?refresh=1")
+DATATABLE = (
+    "/tasks/datatable?draw=1&start=0&length=100&search%5Bvalue%5D="
+    "&order%5B0%5D%5Bcolumn%5D=0&order%5B0%5D%5Bdir%5D=asc&columns%5B0%5D%5Bdata%5D=name"
+)
+
+
+def test_flower_asks_for_the_configured_login_and_shows_no_value(broker_url, log_dir, tmp_modules):
+    """CELERY_FLOWER_BASIC_AUTH: every page and API call answers 401 without it (or
+    with a wrong password), 200 with it; and what Flower shows of a success, a failure,
+    a pending retry and a chunked map holds no envelope and no value."""
+    secret = canary()
+    login = f"admin:{uuid.uuid4().hex}"
+    app, celery, fn = leaky_app(
+        "flowered", broker_url, log_dir, tmp_modules, CELERY_FLOWER=True,
+        CELERY_FLOWER_PORT=free_port(), CELERY_FLOWER_BASIC_AUTH=["ops:other-password", login],
+    )  # fmt: skip
+    try:
+        with app.app_context():
+            celery.start()
+            url = app.extensions["celery"].services.flower_url
+            wait_for_flower(url, login, probe(celery, fn.echo))
+            ok = celery.submit(fn.echo, secret)
+            failed = celery.submit(fn.fail, secret)
+            later = celery.submit(fn.retry_later, secret)
+            chunk = celery.map(fn.echo, secret, secret, chunksize=2)
+            assert ok.result(timeout=10) == {"echo": secret}
+            with pytest.raises(ValueError):
+                failed.result(timeout=10)
+            assert [f.result(timeout=10) for f in chunk] == [{"echo": secret}] * 2
+            assert wait_for(lambda: later.id in scheduled_ids(celery))
+            ids = [ok.id, failed.id, later.id, chunk[0].id]
+            known = [f"{url}/api/task/info/{task_id}" for task_id in ids]
+            assert wait_for(lambda: all(fetch(info, login)[0] == 200 for info in known))
+            shown = {"sealed": 0}
+            paths = [*PAGES, DATATABLE, "/metrics"]
+            for task_id in ids:
+                paths += [f"/task/{task_id}", f"/api/task/info/{task_id}"]
+                paths += [f"/api/task/result/{task_id}"]
+            for path in paths:
+                status, body = fetch(url + path, login)
+                assert status in (200, 503), (path, status)  # 503: no backend for results
+                assert_clean(f"Flower {path}", body, secret)
+                shown["sealed"] += body.count("<sealed result>")
+            assert shown["sealed"] > 0  # the results are there, as labels
+            info = json.loads(fetch(f"{url}/api/task/info/{ok.id}", login)[1])
+            assert (info["args"], info["result"]) == (f"<{fn.__name__}:echo>", "<sealed result>")
+            for path in [*PAGES, DATATABLE, f"/task/{ok.id}", f"/api/task/info/{ok.id}"]:
+                assert fetch(url + path)[0] == 401, path
+                assert fetch(url + path, "admin:wrong")[0] == 401, path
+            assert fetch(url + "/", "ops:other-password")[0] == 200
+    finally:
+        with app.app_context():
+            celery.stop()
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses listening on TCP ``port`` (from /proc/net/tcp and tcp6)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                address, _, hex_port = local.partition(":")
+                if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                    found.add(address)
+    return found
+
+
+def test_flower_generated_login_is_logged_once_and_only_flower_sees_it(broker_url, log_dir, caplog):
+    """No CELERY_FLOWER_BASIC_AUTH: a random password, logged once by the web process,
+    handed to Flower in its environment (not on its command line, not to the workers),
+    required by every page; Flower listens on 127.0.0.1 only."""
+    caplog.set_level(logging.INFO, logger="flask_execute.local")
+    port = free_port()
+    app = Flask("flower_generated_app")
+    app.config.update(
+        SECRET_KEY="generated", CELERY_BROKER_URL=broker_url, CELERY_LOG_DIR=log_dir,
+        CELERY_WORKERS=["flowergen"], CELERY_FLOWER=True, CELERY_FLOWER_PORT=port,
+    )  # fmt: skip
+    celery = Celery(app)
+    try:
+        with app.app_context():
+            celery.start()
+            services = app.extensions["celery"].services
+
+            def announced() -> list[logging.LogRecord]:
+                return [r for r in caplog.records if "Flower is up at" in r.getMessage()]
+
+            assert wait_for(announced, 30)
+            (record,) = announced()
+            assert record.levelno == logging.WARNING
+            password = str(record.args[1])  # type: ignore[index]
+            assert len(password) >= 20
+            assert f"log in as 'flower' with password {password} " in record.getMessage()
+            url = services.flower_url
+            assert url == f"http://127.0.0.1:{port}"
+            assert fetch(url + "/workers")[0] == 401
+            assert fetch(url + "/workers", f"flower:{password}")[0] == 200
+            assert fetch(url + "/api/tasks", f"flower:{password}")[0] == 200
+            assert fetch(url + "/workers", "flower:guess")[0] == 401
+            assert listening_addresses(port) == {"0100007F"}  # 127.0.0.1, nothing else
+            by_name = {child.name: child.pid for child in services.children}
+            with open(f"/proc/{by_name['flower']}/cmdline", "rb") as f:
+                assert password.encode() not in f.read()
+            with open(f"/proc/{by_name['flower']}/environ", "rb") as f:
+                assert f"FLOWER_BASIC_AUTH=flower:{password}".encode() in f.read().split(b"\0")
+            with open(f"/proc/{by_name['flowergen']}/environ", "rb") as f:
+                assert b"FLOWER_BASIC_AUTH" not in f.read()
+    finally:
+        with app.app_context():
+            celery.stop()
+    for name in ("flower.log", "flowergen.log"):
+        assert password not in read(os.path.join(log_dir, name))
+    assert len([r for r in caplog.records if password in r.getMessage()]) == 1
 
 
 # --- item 8: log files ---------------------------------------------------------------------

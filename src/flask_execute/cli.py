@@ -22,6 +22,8 @@ from flask.cli import AppGroup
 from flask.cli import with_appcontext
 
 from .config import worker_argv
+from .local import flower_login
+from .local import FLOWER_LOGIN_ENV
 from .processes import make_private_dir
 
 if t.TYPE_CHECKING:
@@ -123,8 +125,17 @@ def beat(args: tuple[str, ...]) -> None:
 @celery_cli.command(context_settings=_PASS, add_help_option=False)
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def flower(args: tuple[str, ...]) -> None:
-    """Run Flower on CELERY_FLOWER_ADDRESS:CELERY_FLOWER_PORT."""
+    """Run Flower on CELERY_FLOWER_ADDRESS:CELERY_FLOWER_PORT, behind the login of
+    CELERY_FLOWER_BASIC_AUTH (or a generated one, printed here)."""
     settings = _state().settings
+    login, generated = flower_login(settings.flower_basic_auth)
+    os.environ[FLOWER_LOGIN_ENV] = login  # Flower reads it; never on a command line
+    if generated is not None:
+        click.echo(
+            f"Flower login: user 'flower', password {generated} (generated for this run;"
+            " CELERY_FLOWER_BASIC_AUTH sets your own).",
+            err=True,
+        )
     defaults = [f"--address={settings.flower_address}", f"--port={settings.flower_port}"]
     _run_celery(["flower", *defaults, *args])
 

@@ -86,6 +86,33 @@ def _path(key: str, value: object) -> str | None:
     _fail(key, "a directory path or None", value)
 
 
+def _basic_auth(key: str, value: object) -> list[str]:
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not items:
+        _login_error(
+            key, "an empty list" if items == [] else f"a value of type {type(value).__name__}"
+        )
+    for item in items:
+        if not isinstance(item, str):
+            _login_error(key, f"an entry of type {type(item).__name__}")
+        user, colon, password = item.partition(":")
+        if not (user and colon and password):
+            _login_error(key, "an entry without a user, a ':' or a password")
+        if "," in item:  # Flower splits its list on commas
+            _login_error(key, f"a comma in the entry of user {user!r}")
+    return list(items)
+
+
+def _login_error(key: str, problem: str) -> t.NoReturn:
+    raise ConfigurationError(
+        f"{key!r} must be 'user:password' or a list of them, or None to generate a"
+        f" password at each start; got {problem} (the value is not shown: it holds a"
+        " password)."
+    )
+
+
 def _signing_keys(key: str, value: object) -> list[bytes]:
     if value is None:
         return []
@@ -292,6 +319,12 @@ KEYS: tuple[Key, ...] = (
     Key("CELERY_FLOWER_PORT", 5555, _port, "Port of the local Flower"),
     Key("CELERY_FLOWER_ADDRESS", "127.0.0.1", _str, "Address the local Flower binds to"),
     Key(
+        "CELERY_FLOWER_BASIC_AUTH",
+        None,
+        _basic_auth,
+        "Login of the local Flower: 'user:password' or a list (default: generated, logged)",
+    ),
+    Key(
         "CELERY_SCHEDULER", True, _bool, "Start beat with the local workers when a schedule exists"
     ),
     Key(
@@ -386,6 +419,7 @@ class Settings:
     unsafe_allow_pickle: bool
     max_deliveries: int
     encrypt: bool | list[bytes]
+    flower_basic_auth: list[str] = dataclasses.field(default_factory=list, repr=False)
 
 
 def load(config: Mapping[str, object]) -> Settings:
@@ -437,6 +471,7 @@ def load(config: Mapping[str, object]) -> Settings:
         unsafe_allow_pickle=values["CELERY_UNSAFE_ALLOW_PICKLE"],  # type: ignore[arg-type]
         max_deliveries=values["CELERY_MAX_DELIVERIES"],  # type: ignore[arg-type]
         encrypt=values["CELERY_ENCRYPT"],  # type: ignore[arg-type]
+        flower_basic_auth=values["CELERY_FLOWER_BASIC_AUTH"],  # type: ignore[arg-type]
     )
 
 

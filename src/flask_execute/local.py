@@ -30,6 +30,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import secrets
 import socket
 import sys
 import threading
@@ -56,6 +57,7 @@ if t.TYPE_CHECKING:
 __all__ = [
     "EmbeddedRedis",
     "LocalServices",
+    "flower_login",
     "log_tail",
     "redis_answers",
     "redis_binary",
@@ -68,6 +70,18 @@ BOOT_ENV = "FLASK_EXECUTE_BOOT"
 #: The one-shot key of that child's boot file (environment only: never argv, never disk).
 BOOT_KEY_ENV = "FLASK_EXECUTE_BOOT_KEY"
 LIFELINE_FD_ENV = "FLASK_EXECUTE_LIFELINE_FD"
+#: Flower reads its options from ``FLOWER_*`` variables: the login travels there, not
+#: on its command line (which every local user can read in ``ps``).
+FLOWER_LOGIN_ENV = "FLOWER_BASIC_AUTH"
+
+
+def flower_login(configured: list[str]) -> tuple[str, str | None]:
+    """The value of ``FLOWER_BASIC_AUTH`` for Flower, and the password when we made
+    one up: ``CELERY_FLOWER_BASIC_AUTH``, or user ``flower`` with a random password."""
+    if configured:
+        return ",".join(configured), None
+    password = secrets.token_urlsafe(18)
+    return f"flower:{password}", password
 
 
 # --- the services of one app ---------------------------------------------------------
@@ -213,7 +227,8 @@ class LocalServices:
         return child
 
     def _spawn_flower(self, env: dict[str, str], read: int, log_dir: str) -> None:
-        """Flower if installed; its readiness is logged, never waited for."""
+        """Flower if installed, behind a login; its readiness is logged (with the
+        login when it was generated), never waited for."""
         import importlib.util
 
         settings = self._state.settings
@@ -229,7 +244,10 @@ class LocalServices:
             sys.executable, "-m", "celery", "-A", "flask_execute.celery", "flower",
             f"--address={address}", f"--port={port}",
         ]  # fmt: skip
-        child = spawn("flower", argv, log_path, env=env, pass_fds=(read,))
+        login, generated = flower_login(settings.flower_basic_auth)
+        flower_env = env.copy()  # its own boot file; the login for Flower's eyes only
+        flower_env[FLOWER_LOGIN_ENV] = login
+        child = spawn("flower", argv, log_path, env=flower_env, pass_fds=(read,))
         self._children.append(child)
         self.flower_url = f"http://{address}:{port}"
 
@@ -241,7 +259,16 @@ class LocalServices:
                 except OSError:
                     time.sleep(0.1)
                     continue
-                log.info("flask-execute: Flower is up at %s", self.flower_url)
+                if generated is None:
+                    log.info("flask-execute: Flower is up at %s", self.flower_url)
+                else:  # a warning: shown even where nobody configured logging
+                    log.warning(
+                        "flask-execute: Flower is up at %s; log in as 'flower' with"
+                        " password %s (generated for this run; CELERY_FLOWER_BASIC_AUTH"
+                        " sets your own)",
+                        self.flower_url,
+                        generated,
+                    )
                 return
             if not self._stopping.is_set():
                 log.warning(
