@@ -54,6 +54,8 @@ CONTENT_LOGGERS = (
 
 def redact(text: str) -> str:
     """``text`` with every envelope (or envelope prefix) replaced by ``<sealed>``."""
+    if ".eyJ" not in text:  # no envelope: no regex scan (most log records)
+        return text
     return _ENVELOPE.sub(SEALED, text)
 
 
@@ -95,7 +97,9 @@ class RedactingFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, dict):
             record.args = _redact_values(record.args)
-        elif isinstance(record.args, tuple):
+        elif isinstance(record.args, tuple) and any(
+            isinstance(a, str) and redact(a) != a for a in record.args
+        ):
             record.args = tuple(redact(a) if isinstance(a, str) else a for a in record.args)
         data = getattr(record, "data", None)
         if isinstance(data, dict):
@@ -116,6 +120,8 @@ class RedactingFilter(logging.Filter):
 
 
 def _redact_values(mapping: dict[t.Any, t.Any]) -> dict[t.Any, t.Any]:
+    if not any(isinstance(v, str) and redact(v) != v for v in mapping.values()):
+        return mapping
     return {k: redact(v) if isinstance(v, str) else v for k, v in mapping.items()}
 
 
