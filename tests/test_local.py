@@ -28,6 +28,7 @@ from tests.conftest import descendants
 from tests.conftest import wait_gone
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SRC = os.path.join(ROOT, "src")  # first: the venv's own install may be another checkout
 
 
 def make_app(broker_url, log_dir, **config):
@@ -299,7 +300,7 @@ def test_celery_a_flask_execute_celery_with_flask_app(tmp_path, tmp_modules, bro
          "-n", "cli@%h", "--pool=solo", "--without-mingle", "--loglevel=INFO"],
         cwd=tmp_path,
         env={**os.environ, "FLASK_APP": "cliapp:create_app",
-             "PYTHONPATH": os.pathsep.join([str(tmp_path), ROOT])},
+             "PYTHONPATH": os.pathsep.join([str(tmp_path), SRC, ROOT])},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -386,7 +387,7 @@ def test_flask_run_reloader_keeps_one_generation(tmp_path, broker_url, log_dir):
         [sys.executable, "-m", "flask", "--app", "rlapp:create_app", "run", "--debug",
          "--port", str(port)],
         cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), ROOT])},
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), SRC, ROOT])},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
