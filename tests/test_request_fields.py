@@ -188,3 +188,30 @@ def test_a_call_submitted_from_inside_a_task_is_signed_with_its_lineage(direct):
     outer = direct.celery.submit(submit_from_a_task)
     inner_id = outer.result(timeout=10)
     assert direct.celery.get(inner_id).result(timeout=10) == 42
+
+
+def test_a_retried_call_runs_to_its_result(direct, tmp_path):  # noqa: F811
+    # Celery publishes the retry with the call itself as parent: still the call's lineage
+    counter = tmp_path / "count"
+    future = direct.celery.submit(tasks.retry_until, str(counter), 3)
+    assert future.result(timeout=15) == 3
+    assert runs(counter) == 3
+    assert not rejections_of(direct, future.id)
+
+
+def test_a_retried_call_submitted_from_a_task_runs_to_its_result(direct, tmp_path):  # noqa: F811
+    counter = tmp_path / "count"
+    outer = direct.celery.submit(submit_retrying_from_a_task, str(counter))
+    inner = direct.celery.get(outer.result(timeout=10))
+    assert inner.result(timeout=15) == 2
+    assert not rejections_of(direct, inner.id)
+
+
+def submit_retrying_from_a_task(path: str) -> str:
+    from tests.apps.direct import celery
+
+    return celery.submit(tasks.retry_until, path, 2).id
+
+
+def rejections_of(target: Target, task_id: str) -> list[str]:
+    return [line for line in read(target.log).splitlines() if f"rejected task {task_id}" in line]

@@ -238,7 +238,7 @@ def _admit(task: Task, state: _State, envelope: str, eager: bool) -> tuple[dict[
     request = task.request
     bindings: dict[str, object] = {"task": task.name}
     if not eager:  # a worker: the message's lineage is signed too
-        bindings.update(root=request.root_id, parent=request.parent_id)
+        bindings["root"] = request.root_id
     try:
         header, payload = state.codec.open(envelope, "call", request.id, bindings)
     except SignatureError as exc:
@@ -247,6 +247,8 @@ def _admit(task: Task, state: _State, envelope: str, eager: bool) -> tuple[dict[
         # the MAC checked out: a genuine set-up mistake, reported to the caller
         raise _sealed_failure(state, request.id, SerializationError(str(exc)), "") from None
     tid: str = header["tid"]  # == request.id, now verified
+    if not eager and not _parent_agrees(header.get("parent"), request, tid):
+        _reject(task, SignatureError("binding_mismatch", "Envelope is not for this parent."))
     label = header.get("fn", "?")
     if not eager:
         claim = state.claims.claim(
@@ -283,6 +285,14 @@ def _admit(task: Task, state: _State, envelope: str, eager: bool) -> tuple[dict[
                 tid, state="STARTED", meta={"pid": os.getpid(), "hostname": request.hostname}
             )
     return header, payload
+
+
+def _parent_agrees(signed: object, request: t.Any, tid: str) -> bool:
+    """The message's ``parent_id`` is the signed one; or, for a retry of a call that had
+    no parent, the call itself (Celery's ``send_task`` gives a retry published from
+    inside the running task that task as parent, whatever the original said)."""
+    parent = request.parent_id
+    return parent == signed or (signed is None and bool(request.retries) and parent == tid)
 
 
 def _run(task: Task, state: _State, header: dict[str, t.Any], payload: bytes, eager: bool) -> t.Any:

@@ -135,3 +135,14 @@ def incr(redis_url, key):
 def worker_name():
     """The node that ran it (routing checks)."""
     return current_task.request.hostname
+
+
+def retry_until(path, runs):
+    """Retries itself (``current_task.retry``) until it has run ``runs`` times."""
+    with open(path, "a") as f:
+        f.write("run\n")
+    with open(path) as f:
+        count = f.read().count("\n")
+    if count < runs:
+        current_task.retry(countdown=0.05, max_retries=runs)
+    return count
