@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import base64
 import bz2
+import copy
 import json
 import os
+import random
 import uuid
 import zlib
 from collections.abc import Callable
@@ -28,9 +30,11 @@ from flask_execute import ConfigurationError
 from flask_execute import transports
 from flask_execute.admission import Consumer
 from flask_execute.admission import Policy
+from flask_execute.serialization import Codec
 from tests import conftest
 from tests.apps import guarded as guarded_app
 from tests.apps import tasks
+from tests.test_security import ATTACKER_KEY
 from tests.test_security import forge
 from tests.test_security import read
 from tests.test_security import serves
@@ -361,11 +365,325 @@ def test_a_compressed_message_the_app_did_not_send_is_refused(
     assert line.endswith(f"{ALERT}task {task_id} ({reason}): {detail}{DROPPED}")
 
 
+# --- item 4: fuzz ---------------------------------------------------------------------------
+#: CI runs this seed; set FLASK_EXECUTE_FUZZ_SEED to explore others
+SEED = int(os.environ.get("FLASK_EXECUTE_FUZZ_SEED", "1004"))
+MUTANTS = int(os.environ.get("FLASK_EXECUTE_FUZZ_MUTANTS", "600"))
+BATCH = 50
+BROADCAST = 6  # of each batch: published to every worker instead of queued
+FANOUTS = ["celery.pidbox", "celeryev/worker.heartbeat"]
+DEEP = "\x00deep\x00"  # stands for JSON nested deeper than any parser's recursion limit
 _DEEP_JSON = "[" * 100_000 + "]" * 100_000
+#: values of every JSON type, and what kombu's JSON decodes into other types
+NASTY: list[object] = [
+    None,
+    True,
+    False,
+    0,
+    -1,
+    7,
+    2**70,
+    -(2**70),
+    1.5,
+    -2.5,
+    float("nan"),
+    float("inf"),
+    "",
+    "x",
+    "\n",
+    "a\nb",
+    "\ud800",
+    "é",
+    "x" * 5000,
+    "1",
+    "null",
+    "2020-01-01T00:00:00",
+    "2020-01-01T00:00:00+00:00",
+    "0001-01-01T00:00:00",
+    "not a date",
+    [],
+    [None],
+    [1],
+    [None, None],
+    [1, 2],
+    [-1, 5],
+    ["x", "y"],
+    [1, 2, 3],
+    [[]],
+    [{}],
+    {},
+    {"a": 1},
+    {"": None},
+    {"task": "x"},
+    {"task": "tests.apps.guarded.echo", "args": [1]},
+    {"__type__": "bytes", "__value__": 5},
+    {"__type__": "uuid", "__value__": 1},
+    {"__type__": "datetime", "__value__": "x"},
+    {"__type__": "decimal", "__value__": "x"},
+    {"__type__": "datetime", "__value__": "2020-01-01T00:00:00"},
+    {"__type__": "nope", "__value__": 1},
+    DEEP,
+]
+#: header names beyond the captured ones: Celery's optional ones, request attributes
+EXTRA_HEADERS = [
+    "compression",
+    "redelivered",
+    "groups",
+    "periodic_task_name",
+    "is_eager",
+    "hostname",
+    "delivery_info",
+    "args",
+    "reply_to",
+    "update",
+    "get",
+    "__class__",
+]
+PROPERTIES = [
+    "correlation_id",
+    "reply_to",
+    "delivery_mode",
+    "delivery_info",
+    "priority",
+    "body_encoding",
+    "delivery_tag",
+]
+EMBED = ["callbacks", "errbacks", "chain", "chord", "is_eager", "id", "task", "hostname"]
+TASK_NAMES = [
+    "flask_execute.dispatch",
+    "flask_execute.dispatch_acks_late",
+    "tests.apps.guarded.echo",
+    "no.such.task",
+    "",
+]
+CONTENT_TYPES = [
+    "application/json",
+    "application/x-python-serialize",
+    "application/x-yaml",
+    "application/data",
+    "text/plain",
+    "",
+]
+QUEUE_ITEMS = [
+    b"",
+    b"x",
+    b"{",
+    b"\xff\xfe",
+    b"null",
+    b"[]",
+    b"{}",
+    b'{"properties": {}}',
+    b"[" * 100_000,
+    _DEEP_JSON.encode(),
+]
+
+
+def _plain(message: dict) -> bytes:
+    """The body bytes of a captured message (base64, maybe compressed); after other
+    mutations, whatever can still be read, else a valid empty body."""
+    try:
+        body = base64.b64decode(message["body"])
+        if message["headers"].get("compression"):
+            body = zlib.decompress(body)
+        return body
+    except Exception:
+        return b"[[], {}, null]"
+
+
+def _mapping(message: dict, name: str) -> dict:
+    """``message[name]``, made a mapping again if an earlier mutation broke it."""
+    if not isinstance(message.get(name), dict):
+        message[name] = {}
+    return message[name]
 
 
 def _encode(value: object) -> bytes:
-    return json.dumps(value).encode()
+    text = json.dumps(value)
+    return text.replace(json.dumps(DEEP), _DEEP_JSON).encode()
+
+
+class Mutator:
+    """Deterministic mutations of captured messages (``random.Random(seed)``)."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+
+    def nasty(self) -> object:
+        return copy.deepcopy(self.rng.choice(NASTY))
+
+    def __call__(self, message: dict) -> bytes:
+        """One mutant of ``message`` (a forged copy), as the bytes to LPUSH."""
+        operators = [
+            self.header,
+            self.header,
+            self.property,
+            self.envelope,
+            self.body,
+            self.body,
+            self.encoding,
+            self.compression,
+            self.content_type,
+            self.item,
+        ]
+        for _ in range(self.rng.choice([1, 1, 1, 2, 3])):
+            mutated = self.rng.choice(operators)(message)
+            if isinstance(mutated, bytes):
+                return mutated
+        return _encode(message)
+
+    def header(self, message: dict) -> None:
+        headers = _mapping(message, "headers")
+        name = self.rng.choice([*headers, *EXTRA_HEADERS])
+        if name in headers and self.rng.random() < 0.25:
+            del headers[name]
+        elif name == "task" and self.rng.random() < 0.5:
+            headers[name] = self.rng.choice(TASK_NAMES)
+        else:
+            headers[name] = self.nasty()
+
+    def property(self, message: dict) -> None:
+        properties = _mapping(message, "properties")
+        name = self.rng.choice(PROPERTIES)
+        if name == "delivery_info" and self.rng.random() < 0.5:
+            info = _mapping(properties, name)
+            info[self.rng.choice(["exchange", "routing_key"])] = self.nasty()
+        elif self.rng.random() < 0.25:
+            properties.pop(name, None)
+        elif name == "delivery_tag":  # never two messages under one valid tag
+            properties[name] = self.rng.choice([None, "", 5, [], {}])
+        else:
+            properties[name] = self.nasty()
+
+    def envelope(self, message: dict) -> None:
+        name = self.rng.choice(
+            ["body", "content-type", "content-encoding", "headers", "properties"]
+        )
+        if self.rng.random() < 0.3:
+            message.pop(name, None)
+        else:
+            message[name] = self.nasty()
+
+    def body(self, message: dict) -> None:
+        try:
+            body = json.loads(_plain(message))
+            body[2] = body[2] if isinstance(body[2], dict) else {}
+        except Exception:  # an earlier mutation broke it: start from a valid shape
+            body = [[], {}, {}]
+        choice = self.rng.randrange(6)
+        if choice == 0:
+            body = self.nasty()
+        elif choice == 1:
+            body[self.rng.randrange(3)] = self.nasty()
+        elif choice == 2:
+            body[2][self.rng.choice(EMBED)] = self.nasty()
+        elif choice == 3:
+            body = [*body, self.nasty()]
+        elif choice == 4:
+            body = body[: self.rng.randrange(3)]
+        else:
+            body[1] = {self.rng.choice(["", "x", "__class__", "self"]): self.nasty()}
+        self.set_body(message, _encode(body))
+
+    def set_body(self, message: dict, data: bytes) -> None:
+        if _mapping(message, "headers").get("compression") == "application/x-gzip":
+            data = zlib.compress(data)
+        message["body"] = base64.b64encode(data).decode()
+        _mapping(message, "properties")["body_encoding"] = "base64"
+
+    def encoding(self, message: dict) -> None:
+        body = message["body"] if isinstance(message.get("body"), str) else ""
+        choice = self.rng.randrange(5)
+        if choice == 0:  # the body as text, no body encoding
+            _mapping(message, "properties").pop("body_encoding", None)
+            message["body"] = _plain(message).decode("latin-1")
+        elif choice == 1:
+            message["body"] = body[:-1]  # bad padding
+        elif choice == 2:
+            message["body"] = "%%%" + body
+        elif choice == 3:
+            properties = _mapping(message, "properties")
+            properties["body_encoding"] = self.rng.choice(["base32", "hex", 5, ""])
+        else:
+            message["body"] = "\ud800"
+
+    def compression(self, message: dict) -> None:
+        plain = _plain(message)
+        method = self.rng.choice(
+            [
+                "application/x-gzip",
+                "application/x-gzip",
+                "gzip",
+                "zlib",
+                "application/x-bz2",
+                "zstd",
+                "",
+                5,
+                None,
+            ]
+        )
+        data = {
+            0: zlib.compress(plain),
+            1: zlib.compress(plain)[:-4],
+            2: plain,
+            3: bz2.compress(plain),
+            4: bomb(8 * LIMIT),
+        }[self.rng.randrange(5)]
+        _mapping(message, "headers")["compression"] = method
+        message["body"] = base64.b64encode(data).decode()
+        _mapping(message, "properties")["body_encoding"] = "base64"
+
+    def content_type(self, message: dict) -> None:
+        if self.rng.random() < 0.7:
+            message["content-type"] = self.rng.choice(CONTENT_TYPES)
+        else:
+            message["content-encoding"] = self.rng.choice(["binary", "utf-16", "nope", ""])
+
+    def item(self, message: dict) -> bytes:
+        if self.rng.random() < 0.5:
+            return self.rng.choice(QUEUE_ITEMS)
+        return _encode(self.nasty())
+
+
+def test_fuzzed_messages_never_stop_the_worker(gzipped, tmp_path):
+    """Mutants of real captured messages (a genuine call, a registered task, a forged
+    call), in batches pushed onto the queue, a few also published to every worker:
+    after each batch, the same worker process serves a genuine call."""
+    pid = gzipped.worker_pid
+    db = gzipped.client.connection_pool.connection_kwargs["db"]
+    canary = tmp_path / "pwned"
+    attacker = Codec(ATTACKER_KEY)
+    mutate = Mutator(SEED)
+    offset = size(gzipped.log)
+    fresh: list[str] = []
+
+    def captured(i: int) -> dict:
+        task_id = str(uuid.uuid4())
+        fresh.append(task_id)
+        if i % 3 == 0:
+            _, envelope = gzipped.envelope(tasks.add, 1, 2, task_id=task_id)
+            return gzipped.message(task_id, envelope, late=i % 2 == 0)
+        if i % 3 == 1:
+            _, forged = gzipped.envelope(tasks.touch, str(canary), task_id=task_id, codec=attacker)
+            return gzipped.message(task_id, forged)
+        return gzipped.registered_message(task_id, "x")
+
+    for start in range(0, MUTANTS, BATCH):
+        mutants = [mutate(forge(captured(i))) for i in range(start, start + BATCH)]
+        queued, published = mutants[:-BROADCAST], mutants[-BROADCAST:]
+        gzipped.client.lpush("celery", *queued)
+        for i, mutant in enumerate(published):  # to remote control and to worker events
+            gzipped.client.publish(f"/{db}.{FANOUTS[i % len(FANOUTS)]}", mutant)
+        assert wait_for(lambda: gzipped.client.llen("celery") == 0, timeout=30)
+        assert conftest._alive(pid) and gzipped.worker_pid == pid
+        assert serves(gzipped.celery), f"no genuine call served after mutants {start}+"
+        assert wait_for(lambda: gzipped.client.hlen("unacked") == 0, timeout=30)
+        assert not canary.exists()
+    text = read(gzipped.log, offset)
+    for failure in ("Unrecoverable error", "Connection to broker lost", "(unhandled)"):
+        assert failure not in text  # not even restarted, nor caught by the safety net
+    alerts = "\n".join(gzipped.alerts(offset))
+    assert all(alerts.count(task_id) <= 1 for task_id in fresh)  # each logged once at most
+    assert gzipped.client.llen("celery") == 0 and gzipped.client.hlen("unacked") == 0
 
 
 # --- what is published to every worker (control commands, worker events) -------------------
