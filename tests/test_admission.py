@@ -687,17 +687,23 @@ def test_fuzzed_messages_never_stop_the_worker(gzipped, tmp_path):
 
 
 # --- what is published to every worker (control commands, worker events) -------------------
-def _fanout(message: dict | None, body: object = "x") -> bytes:
-    """A published kombu message (or, with ``message=None``, the raw item)."""
-    return _encode(
-        {
-            "body": base64.b64encode(json.dumps(body).encode()).decode(),
-            "content-type": "application/json",
-            "content-encoding": "utf-8",
-            "headers": {},
-            "properties": {"delivery_tag": str(uuid.uuid4()), "body_encoding": "base64", **message},
-        }
-    )
+NO_BODY = object()
+
+
+def _fanout(properties: dict, body: object = "x", **fields: object) -> bytes:
+    """A published kombu message: ``body`` as JSON (``NO_BODY``: none at all),
+    ``properties`` and ``fields`` (top-level keys) replacing kombu's."""
+    message = {
+        "content-type": "application/json",
+        "content-encoding": "utf-8",
+        "headers": {},
+        "properties": {"delivery_tag": str(uuid.uuid4()), "body_encoding": "base64",
+                       **properties},
+        **fields,
+    }  # fmt: skip
+    if body is not NO_BODY:
+        message["body"] = base64.b64encode(json.dumps(body).encode()).decode()
+    return _encode(message)
 
 
 PUBLISHED = {
@@ -708,6 +714,11 @@ PUBLISHED = {
                            b'{"__type__": "bytes", "__value__": 5}'),
     "item-a-number": ("celery.pidbox", "task <unknown>", b"5"),
     "item-too-deep": ("celery.pidbox", "task <unknown>", _DEEP_JSON.encode()),
+    "control-without-a-body": (
+        "celery.pidbox", "a message",
+        _fanout({"delivery_info": {"exchange": "celery.pidbox", "routing_key": ""}},
+                NO_BODY, **{"content-type": "application/x-yaml"}),
+    ),
 }  # fmt: skip
 
 
@@ -778,6 +789,15 @@ def test_a_consumer_that_does_not_check_messages_is_refused():
         "'CELERY_WORKER_CONSUMER' is 'celery.worker.consumer.gossip:Gossip': flask-execute"
         " workers check every message in their own consumer; derive yours from"
         " flask_execute.admission:Consumer."
+    )
+
+
+def test_message_protocol_1_is_refused():
+    with pytest.raises(ConfigurationError) as info:
+        _controller(CELERY_TASK_PROTOCOL=1)
+    assert str(info.value) == (
+        "'CELERY_TASK_PROTOCOL' is 1: flask-execute workers accept Celery's message protocol 2"
+        " only (Celery's default); remove the setting."
     )
 
 

@@ -52,7 +52,6 @@ from .transports import shown
 __all__ = ["Consumer", "Policy", "admit", "install"]
 
 log = logging.getLogger(__name__)
-security_log = logging.getLogger("flask_execute.security")
 
 _CONSUMER = f"{__name__}:Consumer"
 _INFLATERS: dict[str, Callable[[], t.Any]] = {
@@ -76,9 +75,15 @@ def install(controller: t.Any, max_size: int) -> None:
     configuration is complete).
 
     :raises ConfigurationError: ``worker_consumer`` names a consumer that is not ours,
-        or ``task_compression`` is a method we cannot inflate with a bound.
+        ``task_compression`` is a method we cannot inflate with a bound, or
+        ``task_protocol`` is not 2.
     """
     conf = controller.conf
+    if conf.task_protocol != 2:
+        raise ConfigurationError(
+            f"'CELERY_TASK_PROTOCOL' is {conf.task_protocol!r}: flask-execute workers accept"
+            " Celery's message protocol 2 only (Celery's default); remove the setting."
+        )
     if conf.worker_consumer == "celery.worker.consumer:Consumer":
         conf.worker_consumer = _CONSUMER
     consumer = conf.worker_consumer
@@ -221,11 +226,8 @@ class Gossip(CeleryGossip):  # type: ignore[misc]
         try:
             return super().on_message(prepare, message)
         except Exception as exc:
-            security_log.critical(
-                "flask-execute rejected a worker event (malformed): Celery failed on it:"
-                " %s. The message was dropped unexecuted.",
-                failure(exc),
-            )
+            refused = Refused("malformed", f"Celery failed on it: {failure(exc)}.")
+            alert(None, refused, subject="a worker event")
             return None
 
 
@@ -262,6 +264,18 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
                 )
 
         return on_task_received
+
+    def on_decode_error(self, message: t.Any, exc: Exception) -> None:
+        """Celery's handler of a message kombu cannot decode (a task, a control
+        command): one CRITICAL line without the body (Celery's dumps it, and fails on
+        a message without one), and the message is acknowledged."""
+        headers = getattr(message, "headers", None)
+        headers = headers if isinstance(headers, dict) else {}
+        detail = f"Can't decode message body: {type(exc).__name__}({shown(str(exc))!r})."
+        subject = None if "task" in headers else "a message"
+        alert(headers.get("id"), Refused("malformed", detail), subject)
+        if not message.acknowledged:
+            message.ack()
 
     def _drop(self, message: t.Any, refused: Refused) -> None:
         headers = message.headers if isinstance(message.headers, dict) else {}

@@ -56,11 +56,12 @@ class Refused(Exception):
         self.reason = reason
 
 
-def alert(task_id: object, refused: Refused) -> None:
-    """Log a refusal once: the task id made printable, the reason, never the message."""
+def alert(task_id: object, refused: Refused, subject: str | None = None) -> None:
+    """Log a refusal once: what was refused (``subject``, by default the task and its
+    id made printable), the reason, never the message's content."""
     security_log.critical(
-        "flask-execute rejected task %s (%s): %s The message was dropped unexecuted.",
-        shown(task_id),
+        "flask-execute rejected %s (%s): %s The message was dropped unexecuted.",
+        subject or f"task {shown(task_id)}",
         refused.reason,
         refused,
     )
