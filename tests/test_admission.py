@@ -55,6 +55,15 @@ class Guarded(Target):
         (worker,) = self.state.services.children
         return worker.pid
 
+    def alive(self, pid: int) -> bool:
+        """The worker's main process is still process ``pid``, alive."""
+        (worker,) = self.state.services.children
+        return worker.pid == pid and worker.alive()
+
+    def settle(self, pid: int, offset: int, timeout: float = 10.0) -> None:
+        """Wait until the worker alerted (since ``offset``) or process ``pid`` died."""
+        wait_for(lambda: self.alerts(offset) or not self.alive(pid), timeout)
+
     def registered_message(self, task_id: str, *args: object) -> dict:
         """The message of ``echo.apply_async(args)``, as kombu wrote it."""
         queue = f"inspect-only-{task_id}"
@@ -72,8 +81,7 @@ class Guarded(Target):
     def assert_survived(self, pid: int) -> None:
         """The same worker process is alive and serves the next call; every injected
         message left the queue and was acknowledged."""
-        assert conftest._alive(pid), "the worker's main process died"
-        assert self.worker_pid == pid
+        assert self.alive(pid), "the worker's main process died"
         assert serves(self.celery)
         # the genuine call itself is acknowledged by the main process, maybe just after
         # its result was stored
@@ -84,7 +92,7 @@ class Guarded(Target):
 
 def _running(name: str, redis_url: str, log_dir: str, **config: object) -> Iterator[Guarded]:
     """A guarded app with its one worker running, on a Redis db of its own."""
-    broker_url = f"{redis_url}/{next(conftest._db)}"
+    broker_url = conftest.fresh_db_url(redis_url)
     app = guarded_app.create_app(
         CELERY_BROKER_URL=broker_url,
         CELERY_LOG_DIR=log_dir,
@@ -173,7 +181,7 @@ def test_a_malformed_message_is_refused_and_the_worker_lives(attack, crash, kind
         captured = attack.registered_message(task_id, "hello")
     offset = size(attack.log)
     attack.inject(CRASHES[crash](captured))
-    wait_for(lambda: attack.alerts(offset) or not conftest._alive(pid))
+    attack.settle(pid, offset)
     attack.assert_survived(pid)
     (line,) = attack.alerts(offset)  # logged once, by the worker's main process
     assert "CRITICAL/MainProcess" in line
@@ -192,7 +200,7 @@ def test_a_queue_item_that_is_not_a_message_is_dropped(attack, item):
     pid = attack.worker_pid
     offset = size(attack.log)
     attack.client.lpush("celery", item)
-    wait_for(lambda: attack.alerts(offset) or not conftest._alive(pid))
+    attack.settle(pid, offset)
     attack.assert_survived(pid)
     (line,) = attack.alerts(offset)
     assert "CRITICAL/MainProcess" in line
@@ -207,7 +215,7 @@ def test_a_missing_id_does_not_loop_on_restarts(attack):
     message = _without("id")(forge(attack.registered_message(task_id, "x")))
     offset = size(attack.log)
     attack.inject(message)
-    wait_for(lambda: attack.alerts(offset) or not conftest._alive(pid))
+    attack.settle(pid, offset)
     attack.assert_survived(pid)
     attack.celery.stop()  # a worker's shutdown restores what it did not acknowledge
     attack.celery.start()
@@ -267,7 +275,7 @@ def test_a_compressed_message_is_refused_uninflated_by_an_app_that_never_compres
     before = peaks(pid)
     offset = size(attack.log)
     attack.inject(compressed(captured, payload))
-    wait_for(lambda: attack.alerts(offset) or not conftest._alive(pid), timeout=30)
+    attack.settle(pid, offset, timeout=30)
     attack.assert_survived(pid)
     assert growth(before, peaks(pid)) < 16 * 1024  # KiB: nothing was inflated
     (line,) = attack.alerts(offset)
@@ -309,7 +317,7 @@ def test_a_decompression_bomb_inflates_no_further_than_the_limit(gzipped, kind):
     before = peaks(pid)
     offset = size(gzipped.log)
     gzipped.inject(compressed(captured, bomb()))
-    wait_for(lambda: gzipped.alerts(offset) or not conftest._alive(pid), timeout=30)
+    gzipped.settle(pid, offset, timeout=30)
     gzipped.assert_survived(pid)
     assert growth(before, peaks(pid)) < 16 * 1024  # KiB; the limit is 1 MiB
     (line,) = gzipped.alerts(offset)
@@ -359,7 +367,7 @@ def test_a_compressed_message_the_app_did_not_send_is_refused(
     task_id = str(uuid.uuid4())
     offset = size(gzipped.log)
     gzipped.inject(compressed(gzipped.registered_message(task_id, "x"), body, method))
-    wait_for(lambda: gzipped.alerts(offset) or not conftest._alive(pid))
+    gzipped.settle(pid, offset)
     gzipped.assert_survived(pid)
     (line,) = gzipped.alerts(offset)
     assert line.endswith(f"{ALERT}task {task_id} ({reason}): {detail}{DROPPED}")
@@ -674,7 +682,7 @@ def test_fuzzed_messages_never_stop_the_worker(gzipped, tmp_path):
         for i, mutant in enumerate(published):  # to remote control and to worker events
             gzipped.client.publish(f"/{db}.{FANOUTS[i % len(FANOUTS)]}", mutant)
         assert wait_for(lambda: gzipped.client.llen("celery") == 0, timeout=30)
-        assert conftest._alive(pid) and gzipped.worker_pid == pid
+        assert gzipped.alive(pid)
         assert serves(gzipped.celery), f"no genuine call served after mutants {start}+"
         assert wait_for(lambda: gzipped.client.hlen("unacked") == 0, timeout=30)
         assert not canary.exists()
@@ -731,7 +739,7 @@ def test_a_broken_published_message_is_dropped(attack, case):
     db = attack.client.connection_pool.connection_kwargs["db"]
     offset = size(attack.log)
     assert attack.client.publish(f"/{db}.{channel}", item) == 1  # the worker listens
-    wait_for(lambda: attack.alerts(offset) or not conftest._alive(pid))
+    attack.settle(pid, offset)
     attack.assert_survived(pid)
     (line,) = attack.alerts(offset)
     assert f"CRITICAL/MainProcess] flask-execute rejected {subject} (malformed): " in line
