@@ -63,11 +63,16 @@ def redis_url() -> str:
 _db = iter(range(16, 256))
 
 
+def fresh_db_url(redis_url: str) -> str:
+    """The URL of a Redis db of its own (the private Redis has 256; an external one
+    given by FLASK_EXECUTE_TEST_REDIS needs `databases 256` too)."""
+    return f"{redis_url}/{next(_db)}"
+
+
 @pytest.fixture
 def broker_url(redis_url: str) -> str:
-    """A Redis db of its own for one test's app (the private Redis has 256; an
-    external one given by FLASK_EXECUTE_TEST_REDIS needs `databases 256` too)."""
-    return f"{redis_url}/{next(_db)}"
+    """A Redis db of its own for one test's app (``fresh_db_url``)."""
+    return fresh_db_url(redis_url)
 
 
 @pytest.fixture(scope="session")

@@ -140,3 +140,53 @@ def test_worker_killed_at_least_once_completes_after_restart(rabbit, tmp_path):
     # no loss: run again after the redelivery, or finished by the orphaned pool child
     # just before (then the redelivery is recognised and dropped)
     assert 1 <= len(counter.read_text().splitlines()) <= 2
+
+
+# --- issue 10, items 4 and 5: a broken or compressed message over AMQP ----------------------
+def _publish_raw(app, task_id, body, **headers):
+    """What an attacker with RabbitMQ access publishes: a dispatch message for
+    ``task_id`` with ``body`` (bytes) and ``headers`` changed."""
+    from kombu import Connection
+    from kombu import Producer
+
+    from flask_execute.dispatch import DISPATCH
+
+    controller = app.extensions["celery"].controller
+    message = controller.amqp.as_task_v2(task_id, DISPATCH, args=("fe1.a.b.c",))
+    with Connection(AMQP_URL) as conn:
+        Producer(conn.default_channel).publish(
+            body,
+            routing_key=app.config["CELERY_TASK_DEFAULT_QUEUE"],
+            headers={**message.headers, **headers},
+            content_type="application/json",
+            content_encoding="utf-8",
+            correlation_id=task_id,
+        )
+
+
+@pytest.mark.parametrize("attack", ["timelimit-string", "bomb"])
+def test_a_broken_or_compressed_message_is_refused(rabbit, log_dir, attack):
+    from tests.test_admission import bomb
+    from tests.test_admission import growth
+    from tests.test_admission import peaks
+    from tests.test_security import read
+    from tests.test_security import size
+    from tests.test_security import wait_for
+
+    app, celery = rabbit
+    (worker,) = app.extensions["celery"].services.children
+    log = os.path.join(log_dir, "rabbit.log")
+    task_id = str(uuid.uuid4())
+    before, offset = peaks(worker.pid), size(log)
+    if attack == "bomb":
+        _publish_raw(app, task_id, bomb(), compression="application/x-gzip")
+    else:
+        _publish_raw(app, task_id, b'[["fe1.a.b.c"], {}, {}]', timelimit="x")
+    alert = f"flask-execute rejected task {task_id} ("
+    wait_for(lambda: alert in read(log, offset) or not worker.alive(), timeout=30)
+    assert worker.alive(), "the worker's main process died"
+    assert growth(before, peaks(worker.pid)) < 16 * 1024  # KiB: nothing was inflated
+    assert celery.submit(tasks.add, 1, 2).result(timeout=10) == 3
+    (line,) = [x for x in read(log, offset).splitlines() if alert in x]
+    assert "CRITICAL/MainProcess" in line
+    assert f"({'compressed' if attack == 'bomb' else 'malformed'}): " in line

@@ -29,6 +29,8 @@ from .errors import SerializationError
 from .errors import SignatureError
 from .message_fields import unsigned_field_problem
 from .redaction import SealedResult
+from .refusals import alert
+from .refusals import Refused
 from .serialization import dump_exception
 from .serialization import dumps
 from .serialization import format_exception
@@ -38,13 +40,12 @@ if t.TYPE_CHECKING:
 
     from .state import _State
 
-__all__ = ["DISPATCH", "dispatch_base", "execute", "make_carrier", "security_log"]
+__all__ = ["DISPATCH", "dispatch_base", "execute", "make_carrier"]
 
 DISPATCH = "flask_execute.dispatch"
 #: The at-least-once variant: acknowledged after the call, requeued if its worker
 #: process dies (``submit(..., acks_late=True)`` or Celery's ``task_acks_late``).
 DISPATCH_LATE = "flask_execute.dispatch_acks_late"
-security_log = logging.getLogger("flask_execute.security")
 log = logging.getLogger(__name__)
 _CONTROL_FLOW = (Retry, Ignore, Reject)
 
@@ -80,7 +81,7 @@ class SafeRequest(CeleryRequest):  # type: ignore[misc]
             return bool(super().revoked())
         if not self._field_rejected:
             self._field_rejected = True
-            log_rejection(self.id, "unsigned_field", f"Unsigned fields: {self.field_problem}")
+            alert(self.id, Refused("unsigned_field", f"Unsigned fields: {self.field_problem}"))
             self.reject(requeue=False)  # acknowledged: never delivered again
             task_ready(self)
         return True
@@ -186,26 +187,8 @@ def make_carrier(exc: BaseException, envelope: str, *, clear: bool = True) -> Ex
     return carrier_cls(message, {"flask_execute": envelope}, text)
 
 
-def printable(text: object, limit: int = 200) -> str:
-    """``text`` made safe for one log line: control characters (a newline that would
-    forge a line of its own) escaped, and at most ``limit`` characters."""
-    escaped = str(text).encode("unicode_escape").decode("ascii")
-    return escaped if len(escaped) <= limit else escaped[:limit] + "..."
-
-
-def log_rejection(task_id: object, reason: str, message: str) -> None:
-    """The one CRITICAL line of a dropped message. Never the envelope or any key: the
-    reason and the task id, which is unauthenticated and therefore escaped."""
-    security_log.critical(
-        "flask-execute rejected task %s (%s): %s The message was dropped unexecuted.",
-        printable(task_id),
-        reason,
-        message,
-    )
-
-
 def _reject(task: Task, exc: SignatureError) -> t.NoReturn:
-    log_rejection(task.request.id, exc.reason, str(exc))
+    alert(task.request.id, Refused(exc.reason, str(exc)))
     raise Ignore()
 
 

@@ -27,6 +27,7 @@ from . import config as config_module
 from . import redaction
 from . import rundir
 from ._boot import locate
+from .admission import install as install_admission
 from .claims import Claims
 from .context import _eager_listeners
 from .context import make_task_class
@@ -128,6 +129,7 @@ class _State:
         # the URLs decided above win over a CELERY={"broker_url": ...} the user also set
         conf.update(broker_url=self.broker_url, result_backend=self.backend_url)
         self.controller.conf.update(conf)
+        install_admission(self.controller, self.settings.max_message_size)
         # our watcher follows our tasks: no per-task subscription by Celery's backend
         quiet = "flask_execute.watcher:QuietRedisBackend"
         self.controller.loader.override_backends = {"redis": quiet, "rediss": quiet}
