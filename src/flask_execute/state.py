@@ -48,6 +48,7 @@ from .local import EmbeddedRedis
 from .local import LocalServices
 from .local import redis_answers
 from .message_fields import lineage
+from .outcomes import contained
 
 if t.TYPE_CHECKING:
     from .plugin import Celery
@@ -406,7 +407,8 @@ class _State:
                 "traceback": result.traceback,
             }
             if not getattr(exc, "flask_execute_carrier", False):
-                self._finish_all(members, "FAILURE", exc=_with_traceback(exc, result.traceback))
+                failure = contained(exc, result.traceback or "")
+                self._finish_all(members, "FAILURE", exc=_with_traceback(failure, result.traceback))
                 return
         handler._on_meta(meta)
 

@@ -24,12 +24,14 @@ import weakref
 from celery.backends.redis import RedisBackend
 from kombu.utils.json import loads as _kombu_loads
 
+from .dispatch import DISPATCH_TASKS
+from .dispatch import SealedFailures
+
 __all__ = ["Handler", "Watcher", "make_watcher"]
 
 log = logging.getLogger(__name__)
 
 _SWEEP_EVERY = 5.0
-_DISPATCH_TASKS = frozenset({"flask_execute.dispatch", "flask_execute.dispatch_acks_late"})
 #: What a handler receives for a stored state that is not Celery's JSON (forged).
 UNREADABLE: dict[str, t.Any] = {"status": "FAILURE", "flask_execute_unreadable": True}
 
@@ -272,11 +274,13 @@ def make_watcher(backend: t.Any, connect_timeout: float = 10.0) -> Watcher:
     return PollingWatcher(backend)
 
 
-class QuietRedisBackend(RedisBackend):  # type: ignore[misc]
+class QuietRedisBackend(SealedFailures, RedisBackend):  # type: ignore[misc]
     """Celery's Redis result backend, minus the SUBSCRIBE it sends for every published
     task (and the UNSUBSCRIBE when its AsyncResult is collected): our watcher already
     follows every task it sends. ``AsyncResult.get()`` of registered tasks still
-    subscribes when called. Installed through the app loader's ``override_backends``.
+    subscribes when called. Failures of the dispatch tasks are stored sealed
+    (:class:`~flask_execute.dispatch.SealedFailures`). Installed through the app
+    loader's ``override_backends``.
     """
 
     def on_task_call(self, producer: t.Any, task_id: str) -> None:
@@ -295,7 +299,7 @@ class QuietRedisBackend(RedisBackend):  # type: ignore[misc]
         # a SUCCESS. Our dispatch tasks claim their task id before running (replays
         # and finished redeliveries never run), so for them that read is a wasted
         # round trip on every task.
-        if getattr(request, "task", None) not in _DISPATCH_TASKS or not hasattr(
+        if getattr(request, "task", None) not in DISPATCH_TASKS or not hasattr(
             self, "_set_with_state"
         ):
             return super()._store_result(task_id, result, state, traceback, request, **kwargs)

@@ -135,3 +135,11 @@ def incr(redis_url, key):
 def worker_name():
     """The node that ran it (routing checks)."""
     return current_task.request.hostname
+
+
+class Halt(BaseException):
+    """An application's own ``BaseException`` (not an ``Exception``)."""
+
+
+def raise_it(exc):
+    raise exc
