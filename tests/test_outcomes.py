@@ -69,6 +69,14 @@ def pool_of(target: Target) -> set[int]:
     return conftest.descendants(worker.pid)
 
 
+def full_pool(target: Target) -> set[int]:
+    """The target worker's pool processes, once it has all of them again (an earlier
+    test may have ended one: its replacement is forked when the worker notices)."""
+    concurrency = target.state.worker_options("direct")["concurrency"]
+    assert wait_for(lambda: len(pool_of(target)) == concurrency)
+    return pool_of(target)
+
+
 def stored(target: Target, task_id: str) -> dict:
     return json.loads(target.client.get(f"celery-task-meta-{task_id}"))
 
@@ -94,7 +102,7 @@ def _wrapped(exc: BaseException) -> str:
 
 @pytest.mark.parametrize("raised", RAISED, ids=lambda exc: type(exc).__name__)
 def test_a_base_exception_in_task_code_is_reported_wrapped(direct, raised):
-    pool = pool_of(direct)
+    pool = full_pool(direct)
     single = direct.celery.submit(tasks.raise_it, raised)
     chunk = direct.celery.map(tasks.raise_it, [raised], [ValueError("x")], chunksize=2)
     for future in (single, chunk[0]):
