@@ -41,6 +41,8 @@ __all__ = ["UNREADABLE", "Outcome", "Outcomes", "contained", "read_state", "unre
 #: The key of a meta that stands for an unreadable state; its value says why.
 UNREADABLE = "flask_execute_unreadable"
 
+_JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number",
+               bool: "a boolean", type(None): "null"}  # fmt: skip
 _TYPE_NAME = re.compile(r"[A-Za-z_][\w.<>]{0,199}")
 _short = reprlib.Repr()
 _short.maxlevel = 3
@@ -65,7 +67,7 @@ def read_state(data: object) -> dict[str, t.Any]:
     except Exception as exc:  # RecursionError, ValueError, decimal.InvalidOperation, ...
         return unreadable(f"not Celery's JSON: {type(exc).__name__}")
     if not isinstance(meta, dict):
-        return unreadable(f"a JSON {type(meta).__name__}, not an object")
+        return unreadable(f"{_JSON_KINDS.get(type(meta), 'a value')}, not an object")
     if not isinstance(meta.get("status"), str):
         return unreadable("no status string")
     return meta
