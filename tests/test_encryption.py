@@ -322,9 +322,14 @@ def test_a_mismatch_fails_the_call_naming_the_setting(
         mismatched, matching = cryptmix.create_app(web), cryptmix.create_app(worker)
         with mismatched.app_context():
             # (the first call also waits for the worker to be up)
-            error = cryptmix.celery.submit(cryptmix.reveal, "x").exception(timeout=60)
+            future = cryptmix.celery.submit(cryptmix.reveal, "x")
+            error = future.exception(timeout=60)
         assert isinstance(error, SignatureError)
-        assert (error.reason, str(error)) == ("encryption_mismatch", message)
+        refused = (
+            f"The failure stored for task {future.id} was refused (encryption_mismatch):"
+            f" {message} Nothing in it was unpickled."
+        )
+        assert (error.reason, str(error)) == ("encryption_mismatch", refused)
         with matching.app_context():  # the worker still serves a call it can read
             assert cryptmix.celery.submit(cryptmix.reveal, "y").result(timeout=10) == {"echo": "y"}
     finally:

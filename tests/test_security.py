@@ -372,8 +372,9 @@ def _forged_result(direct: Target, kind: str, task_id: str, canary: str) -> obje
 
 _FORGED_RESULTS = {
     "pickle-string": "SignatureError: malformed",
-    "os.system-failure": "RemoteError: unknown: unreadable task failure: Expected an exception"
-    " class, got os.system with payload ['touch {canary}']",
+    "os.system-failure": "RemoteError: os.system: unsigned failure stored for task {task_id};"
+    " not raised as its claimed type (forged, or not stored by a flask-execute worker):"
+    " ['touch {canary}']",
     "other-key": "SignatureError: unknown_key",
     "our-kid-their-mac": "SignatureError: bad_mac",
     "forged-error-envelope": "SignatureError: unknown_key",
@@ -393,7 +394,7 @@ def test_sec03_forged_result_raises_in_the_web_process(direct, tmp_path, kind):
         shown = f"SignatureError: {exc.reason}"
     else:
         shown = f"{type(exc).__name__}: {exc}"
-    assert shown == _FORGED_RESULTS[kind].format(canary=canary)
+    assert shown == _FORGED_RESULTS[kind].format(canary=canary, task_id=task_id)
     assert not canary.exists()
     assert serves(direct.celery)
 
@@ -435,7 +436,10 @@ def test_sec23_result_of_another_task_is_refused(direct):
     forge_result(direct.client, b_id, {**stolen, "task_id": b_id})
     exc = b.exception(timeout=5)
     assert isinstance(exc, SignatureError) and exc.reason == "binding_mismatch"
-    assert str(exc) == "Envelope belongs to another task id."
+    assert str(exc) == (
+        f"The result stored for task {b_id} was refused (binding_mismatch): Envelope belongs"
+        " to another task id. Nothing in it was unpickled."
+    )
     assert serves(direct.celery)
 
 

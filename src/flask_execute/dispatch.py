@@ -7,7 +7,9 @@ acknowledged and dropped with :class:`celery.exceptions.Ignore`, which stores no
 result under the attacker's task id. A verified call runs inside the app context (the
 task base class pushes it); its return value travels back sealed the same way, and an
 exception travels as a sealed pickle riding on a JSON-safe stand-in exception that
-keeps the original type's name for logs and Flower.
+keeps the original type's name for logs and Flower. Failures Celery stores itself for
+these tasks (a pool process lost, a time limit) are sealed on their way into the result
+backend (:class:`SealedFailures`), so the caller can trust every failure it accepts.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import pickle
 import typing as t
 
+from celery import states
 from celery.exceptions import Ignore
 from celery.exceptions import Reject
 from celery.exceptions import Retry
@@ -28,9 +31,11 @@ from .errors import RemoteError
 from .errors import SerializationError
 from .errors import SignatureError
 from .message_fields import unsigned_field_problem
+from .outcomes import contained
 from .redaction import SealedResult
 from .refusals import alert
 from .refusals import Refused
+from .serialization import Codec
 from .serialization import dump_exception
 from .serialization import dumps
 from .serialization import format_exception
@@ -40,14 +45,31 @@ if t.TYPE_CHECKING:
 
     from .state import _State
 
-__all__ = ["DISPATCH", "dispatch_base", "execute", "make_carrier"]
+__all__ = [
+    "DISPATCH",
+    "DISPATCH_TASKS",
+    "SealedFailures",
+    "dispatch_base",
+    "execute",
+    "make_carrier",
+    "seal_failure",
+]
 
 DISPATCH = "flask_execute.dispatch"
 #: The at-least-once variant: acknowledged after the call, requeued if its worker
 #: process dies (``submit(..., acks_late=True)`` or Celery's ``task_acks_late``).
 DISPATCH_LATE = "flask_execute.dispatch_acks_late"
 log = logging.getLogger(__name__)
+#: The names of both dispatch tasks.
+DISPATCH_TASKS = frozenset({DISPATCH, DISPATCH_LATE})
 _CONTROL_FLOW = (Retry, Ignore, Reject)
+
+try:  # billiard >= 4.3: did this pool process's own SIGTERM handler raise SystemExit?
+    from billiard.common import terminate_handler_fired as _leaving
+except ImportError:  # pragma: no cover - older billiard
+
+    def _leaving() -> bool:
+        return False
 
 
 class SafeRequest(CeleryRequest):  # type: ignore[misc]
@@ -210,7 +232,8 @@ def execute(task: Task, state: _State, envelope: str) -> t.Any:
     except Retry:
         raise
     except BaseException:
-        state.claims.finish(header["tid"])
+        if not _leaving():  # a pool process stopped mid-call has not finished it
+            state.claims.finish(header["tid"])
         raise
     state.claims.finish(header["tid"])
     return outcome
@@ -299,11 +322,12 @@ def _run(task: Task, state: _State, header: dict[str, t.Any], payload: bytes, ea
                 outcomes.append((True, func(*args, **kwargs)))
             except _CONTROL_FLOW:
                 raise
-            except (SystemExit, KeyboardInterrupt) as exit_exc:
-                exit_error = _exit_error(exit_exc)
-                outcomes.append((False, (exit_error, exit_error.remote_traceback)))
             except Exception as exc:
                 outcomes.append((False, (exc, format_exception(exc))))
+            except BaseException as exc:
+                if _leaving():
+                    raise
+                outcomes.append((False, (_exit_error(exc), format_exception(exc))))
         try:
             data, by_value = dumps(outcomes)
         except Exception:
@@ -320,15 +344,18 @@ def _run(task: Task, state: _State, header: dict[str, t.Any], payload: bytes, ea
         raise
     except _CONTROL_FLOW:
         raise
-    except (SystemExit, KeyboardInterrupt) as exc:
-        # raised by the task's own code (a terminate arrives as a signal, not this):
-        # report it; the worker process lives on
-        exit_error = _exit_error(exc)
-        raise _sealed_failure(state, tid, exit_error, exit_error.remote_traceback) from None
     except Exception as exc:
         raise _sealed_failure(state, tid, exc, format_exception(exc)).with_traceback(
             exc.__traceback__
         ) from None
+    except BaseException as exc:
+        if _leaving():
+            # the SystemExit of billiard's SIGTERM handler (cancel(terminate=True), a
+            # cold shutdown): this process is on its way out, the task did not finish
+            raise
+        # raised by the task's own code (SystemExit, KeyboardInterrupt, GeneratorExit,
+        # asyncio.CancelledError, ...): reported, never re-raised; the worker lives on
+        raise _sealed_failure(state, tid, _exit_error(exc), format_exception(exc)) from None
     try:
         data, by_value = dumps(value)
     except Exception as exc:
@@ -340,12 +367,8 @@ def _run(task: Task, state: _State, header: dict[str, t.Any], payload: bytes, ea
     return state.codec.seal("result", tid, data, by_value=by_value)
 
 
-def _exit_error(exc: BaseException) -> RemoteError:
-    return RemoteError(
-        f"builtins.{type(exc).__name__}",
-        f"the task raised {exc!r}; the worker was kept running",
-        format_exception(exc),
-    )
+def _exit_error(exc: BaseException) -> BaseException:
+    return contained(exc, format_exception(exc), "; the worker was kept running")
 
 
 def _portable(label: str, outcome: tuple[bool, object]) -> tuple[bool, object]:
@@ -365,5 +388,54 @@ def _portable(label: str, outcome: tuple[bool, object]) -> tuple[bool, object]:
 
 
 def _sealed_failure(state: _State, tid: str, exc: BaseException, tb_text: str) -> Exception:
-    envelope = state.codec.seal("error", tid, dump_exception(exc, tb_text))
-    return make_carrier(exc, envelope, clear=not state.codec.encrypts)
+    return seal_failure(state.codec, tid, exc, tb_text)
+
+
+def seal_failure(codec: Codec, tid: str, exc: BaseException, tb_text: str) -> Exception:
+    """The carrier of ``exc`` sealed for task ``tid``: what a dispatch task raises,
+    and what the result backend stores, for a failure."""
+    envelope = codec.seal("error", tid, dump_exception(exc, tb_text))
+    return make_carrier(exc, envelope, clear=not codec.encrypts)
+
+
+class SealedFailures:
+    """Result backend mixin: every failure stored for a dispatch task is sealed.
+
+    Besides the failures our dispatch code raises (sealed already), Celery stores
+    failures of its own for our tasks: ``WorkerLostError`` when a pool process dies,
+    ``TimeLimitExceeded``, a ``Reject``, an error outside the task body
+    (``celery.app.trace``, ``celery.worker.request``, ``celery.worker.strategy``). All
+    of them go through ``Backend.store_result``; sealing them there, with the app's
+    key, keeps their own type for the caller, who trusts nothing unsigned.
+    """
+
+    app: t.Any
+
+    def store_result(
+        self,
+        task_id: str,
+        result: t.Any,
+        state: str,
+        traceback: t.Any = None,
+        request: t.Any = None,
+        **kwargs: t.Any,
+    ) -> t.Any:
+        if (
+            state == states.FAILURE
+            and isinstance(result, BaseException)
+            and not getattr(result, "flask_execute_carrier", False)
+            and getattr(request, "task", None) in DISPATCH_TASKS
+        ):
+            result = self._sealed(task_id, result, traceback if isinstance(traceback, str) else "")
+        store = super().store_result  # type: ignore[misc]
+        return store(task_id, result, state, traceback, request, **kwargs)
+
+    def _sealed(self, task_id: str, exc: BaseException, tb_text: str) -> BaseException:
+        codec = getattr(getattr(self.app, "flask_execute", None), "codec", None)
+        if not isinstance(codec, Codec):  # a Celery app not set up by flask-execute
+            return exc
+        try:
+            return seal_failure(codec, task_id, contained(exc, tb_text), tb_text)
+        except Exception:  # never keep Celery from storing the failure at all
+            log.exception("flask-execute: could not seal the failure of task %s", task_id)
+            return exc

@@ -9,7 +9,6 @@ import datetime
 import functools
 import logging
 import os
-import pickle
 import sys
 import threading
 import time
@@ -39,9 +38,7 @@ from .dispatch import DISPATCH_LATE
 from .dispatch import SafeRequest
 from .errors import BrokerUnavailable
 from .errors import ConfigurationError
-from .errors import RemoteError
 from .errors import RemoteTraceback
-from .errors import SignatureError
 from .futures import _Chunk
 from .futures import Future
 from .futures import READY
@@ -51,6 +48,9 @@ from .local import EmbeddedRedis
 from .local import LocalServices
 from .local import redis_answers
 from .message_fields import lineage
+from .outcomes import contained
+from .outcomes import Outcome
+from .outcomes import Outcomes
 
 if t.TYPE_CHECKING:
     from .plugin import Celery
@@ -84,6 +84,7 @@ class _State:
             max_size=self.settings.max_message_size,
             encrypt=self.settings.encrypt,
         )
+        self.outcomes = Outcomes(self.codec)
         self.locator = locate(app)
         self.pickling: dict[str, t.Any] = {
             "models": "requery" if self.settings.sanitize_arguments else "refuse",
@@ -412,47 +413,31 @@ class _State:
                 "traceback": result.traceback,
             }
             if not getattr(exc, "flask_execute_carrier", False):
-                self._finish_all(members, "FAILURE", exc=_with_traceback(exc, result.traceback))
+                failure = contained(exc, result.traceback or "")
+                self._finish_all(members, "FAILURE", exc=_with_traceback(failure, result.traceback))
                 return
         handler._on_meta(meta)
 
     # --- outcomes (called by the watcher) ---------------------------------------------
     def apply_meta(self, future: Future[t.Any], meta: dict[str, t.Any]) -> None:
-        status = meta.get("status")
-        if status not in READY:
-            future._on_state(str(status), meta.get("result"))
-        elif status == "SUCCESS":
-            try:
-                future._finish("SUCCESS", self.open_result(future.id, meta.get("result")))
-            except Exception as exc:
-                future._finish("FAILURE", exc=exc)
-        elif status == "FAILURE":
-            future._finish("FAILURE", exc=self.decode_failure(future.id, meta))
+        outcome = self.outcomes.read(future.id, meta)
+        if outcome.status not in READY:
+            future._on_state(outcome.status, outcome.value)
         else:
-            future._finish("REVOKED")
+            future._finish(outcome.status, outcome.value, exc=outcome.exc)
 
     def apply_chunk_meta(self, chunk: _Chunk, meta: dict[str, t.Any]) -> None:
-        status = meta.get("status")
         members = chunk.members
-        if status not in READY:
+        outcome = self.outcomes.read(chunk.task_id, meta, calls=len(members))
+        if outcome.status not in READY:
             for member in members:
-                member._on_state(str(status), meta.get("result"))
-        elif status == "SUCCESS":
-            try:
-                outcomes = self.open_result(chunk.task_id, meta.get("result"))
-            except Exception as error:
-                self._finish_all(members, "FAILURE", exc=error)
-                return
-            for member, (ok, value) in zip(members, outcomes, strict=True):
-                if ok:
-                    member._finish("SUCCESS", value)
-                else:
-                    member_exc, tb_text = value
-                    member._finish("FAILURE", exc=_with_traceback(member_exc, tb_text))
-        elif status == "FAILURE":
-            self._finish_all(members, "FAILURE", exc=self.decode_failure(chunk.task_id, meta))
+                member._on_state(outcome.status, outcome.value)
+        elif outcome.status == "SUCCESS":
+            calls = t.cast(list[Outcome], outcome.value)
+            for member, call in zip(members, calls, strict=True):
+                member._finish(call.status, call.value, exc=call.exc)
         else:
-            self._finish_all(members, "REVOKED")
+            self._finish_all(members, outcome.status, exc=outcome.exc)
 
     @staticmethod
     def _finish_all(
@@ -467,39 +452,7 @@ class _State:
         :raises SignatureError: the result was not sealed by a worker holding our key
             for this task id (nothing was unpickled).
         """
-        _, payload = self.codec.open(envelope, "result", task_id)
-        return pickle.loads(payload)
-
-    def decode_failure(self, task_id: str, meta: Mapping[str, t.Any]) -> BaseException:
-        if meta.get("flask_execute_unreadable"):
-            return SignatureError(
-                "malformed",
-                "The state stored for this task is not Celery's JSON (forged?); it was"
-                " not deserialized.",
-            )
-        result = meta.get("result")
-        tb_text = meta.get("traceback") or ""
-        args: t.Any = ()
-        if isinstance(result, BaseException):
-            args = result.args
-        elif isinstance(result, Mapping):
-            args = result.get("exc_message") or ()
-        if isinstance(args, (list, tuple)):
-            for arg in args:
-                if isinstance(arg, Mapping) and "flask_execute" in arg:
-                    try:
-                        _, payload = self.codec.open(arg["flask_execute"], "error", task_id)
-                        exc, remote_tb = pickle.loads(payload)
-                    except SignatureError as err:
-                        return err
-                    return _with_traceback(exc, remote_tb or tb_text)
-        if isinstance(result, BaseException):
-            return _with_traceback(result, tb_text)
-        try:
-            exc = self.controller.backend.exception_to_python(result)
-        except Exception as err:  # Celery refuses to build non-exception classes
-            return RemoteError("unknown", f"unreadable task failure: {err}", tb_text)
-        return _with_traceback(exc, tb_text)
+        return self.outcomes.value(task_id, envelope)
 
     # --- cancellation ------------------------------------------------------------------
     def cancel_task(self, future: Future[t.Any], terminate: bool) -> bool:

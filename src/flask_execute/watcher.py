@@ -22,21 +22,34 @@ import typing as t
 import weakref
 
 from celery.backends.redis import RedisBackend
-from kombu.utils.json import loads as _kombu_loads
+from celery.exceptions import SecurityError
+from kombu.exceptions import ContentDisallowed
+from kombu.exceptions import SerializationError
+
+from .dispatch import DISPATCH_TASKS
+from .dispatch import SealedFailures
+from .outcomes import read_state
+from .outcomes import UNREADABLE
+from .outcomes import unreadable
 
 __all__ = ["Handler", "Watcher", "make_watcher"]
 
 log = logging.getLogger(__name__)
 
 _SWEEP_EVERY = 5.0
-_DISPATCH_TASKS = frozenset({"flask_execute.dispatch", "flask_execute.dispatch_acks_late"})
-#: What a handler receives for a stored state that is not Celery's JSON (forged).
-UNREADABLE: dict[str, t.Any] = {"status": "FAILURE", "flask_execute_unreadable": True}
-
-
-def json_loads(data: bytes) -> t.Any:
-    """Celery's result JSON (kombu's decoder: datetimes, UUIDs, ... come back typed)."""
-    return _kombu_loads(data)  # type: ignore[no-untyped-call]
+# what a Celery backend raises for a stored state it cannot decode (as opposed to
+# not reaching its store): that task's failure alone
+_UNDECODABLE = (
+    SerializationError,
+    ContentDisallowed,
+    SecurityError,
+    ValueError,
+    TypeError,
+    LookupError,
+    AttributeError,
+    ArithmeticError,
+    RecursionError,
+)
 
 
 _watchers: weakref.WeakSet[Watcher] = weakref.WeakSet()
@@ -89,6 +102,10 @@ class Watcher:
         with self._lock:
             self._weak.pop(task_id, None)
             self._held.pop(task_id, None)
+
+    def _waits_on(self, task_id: str) -> bool:
+        with self._lock:
+            return task_id in self._held or task_id in self._weak
 
     def _pending_ids(self) -> list[str]:
         with self._lock:
@@ -151,14 +168,17 @@ class RedisWatcher(Watcher):
             batch = task_ids[start : start + 500]
             values = client.mget([self._prefix + tid.encode() for tid in batch])
             for tid, value in zip(batch, values, strict=True):
-                if value is None:
-                    continue
-                try:
-                    meta = json_loads(value)
-                except ValueError:  # not Celery's JSON: forged; fails that future alone
-                    log.warning("flask-execute: unreadable state stored for task %s", tid)
-                    meta = UNREADABLE
-                self._deliver(tid, meta if isinstance(meta, dict) else UNREADABLE)
+                if value is not None:
+                    self._deliver(tid, _read(tid, value))
+
+    def _on_message(self, channel: bytes, data: bytes) -> None:
+        """One published state: decoded only if someone here waits on its task."""
+        try:
+            task_id = channel[len(self._prefix) :].decode()
+        except UnicodeDecodeError:
+            return  # no task id of ours: ours are text
+        if self._waits_on(task_id):
+            self._deliver(task_id, _read(task_id, data))
 
     def _run(self) -> None:
         backoff = 0.1
@@ -183,14 +203,7 @@ class RedisWatcher(Watcher):
                 while not self._stopping.is_set():
                     message = pubsub.get_message(timeout=1.0)
                     if message is not None and message.get("type") == "pmessage":
-                        channel = message["channel"]
-                        task_id = channel[len(self._prefix) :].decode()
-                        try:
-                            meta = json_loads(message["data"])
-                        except ValueError:
-                            log.warning("flask-execute: unreadable state for task %s", task_id)
-                            meta = UNREADABLE
-                        self._deliver(task_id, meta if isinstance(meta, dict) else UNREADABLE)
+                        self._on_message(message["channel"], message["data"])
                     now = time.monotonic()
                     if now - last_sweep > _SWEEP_EVERY:
                         last_sweep = now
@@ -240,7 +253,11 @@ class PollingWatcher(Watcher):
 
     def _fetch(self, task_ids: list[str]) -> None:
         for tid in task_ids:
-            meta = self._backend.get_task_meta(tid)
+            try:
+                meta = self._backend.get_task_meta(tid)
+            except _UNDECODABLE as exc:  # forged; other errors: the backend is away
+                log.warning("flask-execute: unreadable state stored for task %s", tid)
+                meta = unreadable(f"{type(exc).__name__} in the result backend")
             if meta.get("status") not in (None, "PENDING") or "result" in meta:
                 self._deliver(tid, dict(meta))
 
@@ -265,6 +282,13 @@ class PollingWatcher(Watcher):
                 delay = 0.01
 
 
+def _read(task_id: str, data: bytes) -> dict[str, t.Any]:
+    meta = read_state(data)
+    if UNREADABLE in meta:  # forged: fails that future alone
+        log.warning("flask-execute: unreadable state stored for task %s", task_id)
+    return meta
+
+
 def make_watcher(backend: t.Any, connect_timeout: float = 10.0) -> Watcher:
     """The watcher suited to ``backend`` (a Celery result backend instance)."""
     if isinstance(backend, RedisBackend):
@@ -272,11 +296,13 @@ def make_watcher(backend: t.Any, connect_timeout: float = 10.0) -> Watcher:
     return PollingWatcher(backend)
 
 
-class QuietRedisBackend(RedisBackend):  # type: ignore[misc]
+class QuietRedisBackend(SealedFailures, RedisBackend):  # type: ignore[misc]
     """Celery's Redis result backend, minus the SUBSCRIBE it sends for every published
     task (and the UNSUBSCRIBE when its AsyncResult is collected): our watcher already
     follows every task it sends. ``AsyncResult.get()`` of registered tasks still
-    subscribes when called. Installed through the app loader's ``override_backends``.
+    subscribes when called. Failures of the dispatch tasks are stored sealed
+    (:class:`~flask_execute.dispatch.SealedFailures`). Installed through the app
+    loader's ``override_backends``.
     """
 
     def on_task_call(self, producer: t.Any, task_id: str) -> None:
@@ -295,7 +321,7 @@ class QuietRedisBackend(RedisBackend):  # type: ignore[misc]
         # a SUCCESS. Our dispatch tasks claim their task id before running (replays
         # and finished redeliveries never run), so for them that read is a wasted
         # round trip on every task.
-        if getattr(request, "task", None) not in _DISPATCH_TASKS or not hasattr(
+        if getattr(request, "task", None) not in DISPATCH_TASKS or not hasattr(
             self, "_set_with_state"
         ):
             return super()._store_result(task_id, result, state, traceback, request, **kwargs)

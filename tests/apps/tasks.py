@@ -146,3 +146,11 @@ def retry_until(path, runs):
     if count < runs:
         current_task.retry(countdown=0.05, max_retries=runs)
     return count
+
+
+class Halt(BaseException):
+    """An application's own ``BaseException`` (not an ``Exception``)."""
+
+
+def raise_it(exc):
+    raise exc
