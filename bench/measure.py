@@ -243,7 +243,7 @@ def codec_overhead(n: int, repeats: int) -> dict[str, float]:
     from kombu.serialization import loads as kombu_loads
 
     from bench.tasks import add
-    from flask_execute.serialization import Codec
+    from flask_execute.envelopes import Codec
     from flask_execute.serialization import dump_call
     from flask_execute.serialization import dumps
     from flask_execute.serialization import function_label

@@ -30,7 +30,7 @@ from flask_execute import ConfigurationError
 from flask_execute import transports
 from flask_execute.admission import Consumer
 from flask_execute.admission import Policy
-from flask_execute.serialization import Codec
+from flask_execute.envelopes import Codec
 from tests import conftest
 from tests.apps import guarded as guarded_app
 from tests.apps import tasks

@@ -24,8 +24,8 @@ from flask_execute.crypto import derive_encryption_key
 from flask_execute.crypto import InvalidCiphertext
 from flask_execute.crypto import NONCE_SIZE
 from flask_execute.dispatch import make_carrier
-from flask_execute.serialization import Codec
-from flask_execute.serialization import derive_key
+from flask_execute.envelopes import Codec
+from flask_execute.envelopes import derive_key
 from tests.test_security import handmade
 
 OLD = b"an old encryption secret"

@@ -35,9 +35,9 @@ from flask_execute import Celery
 from flask_execute import ServiceStartError
 from flask_execute import SignatureError
 from flask_execute import UnsafePathError
+from flask_execute.envelopes import Codec
+from flask_execute.envelopes import key_id
 from flask_execute.local import BOOT_ENV
-from flask_execute.serialization import Codec
-from flask_execute.serialization import key_id
 from tests.apps import tasks
 from tests.conftest import descendants
 from tests.conftest import wait_gone

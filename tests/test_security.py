@@ -53,11 +53,11 @@ from flask_execute import SignatureError
 from flask_execute import watcher
 from flask_execute.dispatch import DISPATCH
 from flask_execute.dispatch import DISPATCH_LATE
-from flask_execute.serialization import Codec
-from flask_execute.serialization import derive_key
+from flask_execute.envelopes import Codec
+from flask_execute.envelopes import derive_key
+from flask_execute.envelopes import key_id
 from flask_execute.serialization import dump_call
 from flask_execute.serialization import function_label
-from flask_execute.serialization import key_id
 from tests import conftest
 from tests.apps import tasks
 

@@ -78,11 +78,11 @@ def test_forged_result_is_refused_without_unpickling(direct_app, tmp_path, redis
 
 def test_python_mismatch_is_reported_to_the_caller(direct_app, monkeypatch):
     """A by-value payload from another Python: not an attack, a set-up mistake."""
-    from flask_execute import serialization
+    from flask_execute import envelopes
     from flask_execute import SerializationError
     from tests.apps import direct
 
-    monkeypatch.setattr(serialization, "PYTHON", "2.7")  # what the caller claims
+    monkeypatch.setattr(envelopes, "PYTHON", "2.7")  # what the caller claims
     with direct_app.app_context():
         future = direct.celery.submit(lambda: 1)
         with pytest.raises(SerializationError, match=r"pickled by value on Python 2\.7"):

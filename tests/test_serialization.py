@@ -20,17 +20,17 @@ from hypothesis import strategies as st
 
 import flask_execute
 from flask_execute import current_task
+from flask_execute import envelopes
 from flask_execute import ExecuteError
 from flask_execute import RemoteError
-from flask_execute import serialization
 from flask_execute import SerializationError
 from flask_execute import SignatureError
-from flask_execute.serialization import Codec
-from flask_execute.serialization import derive_key
+from flask_execute.envelopes import Codec
+from flask_execute.envelopes import derive_key
+from flask_execute.envelopes import key_id
 from flask_execute.serialization import dump_call
 from flask_execute.serialization import dump_calls
 from flask_execute.serialization import dump_exception
-from flask_execute.serialization import key_id
 
 REASONS = {
     "bad_mac",
@@ -83,7 +83,7 @@ class Clock:
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     """Time as seen by the serialization module only."""
     fake = Clock()
-    monkeypatch.setattr(serialization, "time", types.SimpleNamespace(time=fake.time))
+    monkeypatch.setattr(envelopes, "time", types.SimpleNamespace(time=fake.time))
     return fake
 
 
@@ -133,7 +133,7 @@ def test_round_trip_and_format(clock: Clock) -> None:
         "tid": "t1",
         "kid": key_id(K1),
         "iat": T0,
-        "exp": T0 + serialization.DEFAULT_MAX_AGE,
+        "exp": T0 + envelopes.DEFAULT_MAX_AGE,
     }
     assert b64d(body) == b"\x80\x05payload"
     assert len(b64d(mac)) == 32
@@ -148,7 +148,7 @@ def test_round_trip_and_format(clock: Clock) -> None:
 def test_by_value_and_extra_are_in_the_header() -> None:
     codec = Codec(K1)
     header, _ = codec.open(codec.seal("call", "t1", b"x", by_value=True), "call", "t1")
-    assert header["py"] == serialization.PYTHON
+    assert header["py"] == envelopes.PYTHON
     header, _ = codec.open(codec.seal("call", "t1", b"x", extra={"fn": "m:f"}), "call", "t1")
     assert header["fn"] == "m:f"
     assert "py" not in header
@@ -359,11 +359,11 @@ def test_deeply_nested_header_is_malformed() -> None:
 
 
 def test_python_mismatch(monkeypatch: pytest.MonkeyPatch) -> None:
-    sealer = serialization.PYTHON
+    sealer = envelopes.PYTHON
     codec = Codec(K1)
     by_value = codec.seal("call", "t1", b"x", by_value=True)
     by_reference = codec.seal("call", "t2", b"y")
-    monkeypatch.setattr(serialization, "PYTHON", "2.7")
+    monkeypatch.setattr(envelopes, "PYTHON", "2.7")
     with pytest.raises(SignatureError) as excinfo:
         codec.open(by_value, "call", "t1")
     assert excinfo.value.reason == "python_mismatch"

@@ -14,10 +14,10 @@ from flask import Flask
 
 from flask_execute import Celery
 from flask_execute import ConfigurationError
+from flask_execute.envelopes import Codec
+from flask_execute.envelopes import derive_key
 from flask_execute.keys import MIN_SECRET_LENGTH
 from flask_execute.keys import PLACEHOLDERS
-from flask_execute.serialization import Codec
-from flask_execute.serialization import derive_key
 
 STRONG = "4f1c0e9a2b7d4e55a0c3b8f1d2e6a9c7"
 

@@ -7,7 +7,7 @@ read runs code in the worker. Three locks on that door:
 * the file lives in the private runtime directory (:mod:`.rundir`), is created with
   ``O_EXCL | O_NOFOLLOW`` under a random name, and is opened with ``O_NOFOLLOW``
   and checked (ours, regular, 0600) before it is read;
-* its content is a signed envelope (the same :class:`~.serialization.Codec` as every
+* its content is a signed envelope (the same :class:`~.envelopes.Codec` as every
   call, purpose ``boot``, bound to the file's name) under a *one-shot* random key
   that never touches the disk: the web process hands it to that one child in its
   environment (``/proc/<pid>/environ`` is readable by the same user and root only,
@@ -27,10 +27,10 @@ import typing as t
 
 import cloudpickle
 
+from .envelopes import Codec
 from .errors import SignatureError
 from .rundir import create_private
 from .rundir import open_private
-from .serialization import Codec
 
 __all__ = ["read", "write"]
 

@@ -27,6 +27,7 @@ from celery.worker.request import Request as CeleryRequest
 from celery.worker.state import task_ready
 
 from .context import eager_run_active
+from .envelopes import Codec
 from .errors import RemoteError
 from .errors import SerializationError
 from .errors import SignatureError
@@ -35,7 +36,6 @@ from .outcomes import contained
 from .redaction import SealedResult
 from .refusals import alert
 from .refusals import Refused
-from .serialization import Codec
 from .serialization import dump_exception
 from .serialization import dumps
 from .serialization import format_exception

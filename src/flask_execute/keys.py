@@ -23,10 +23,10 @@ from collections.abc import Callable
 from flask import Flask
 
 from . import config as config_module
+from .envelopes import derive_key
 from .errors import ConfigurationError
 from .rundir import create_private
 from .rundir import open_private
-from .serialization import derive_key
 
 __all__ = [
     "MIN_SECRET_LENGTH",

@@ -31,10 +31,10 @@ from collections.abc import Mapping
 from celery import states
 from kombu.utils.json import loads as _kombu_loads
 
+from .envelopes import Codec
 from .errors import RemoteError
 from .errors import RemoteTraceback
 from .errors import SignatureError
-from .serialization import Codec
 
 __all__ = ["UNREADABLE", "Outcome", "Outcomes", "contained", "read_state", "unreadable"]
 

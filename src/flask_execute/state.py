@@ -54,7 +54,7 @@ from .outcomes import Outcomes
 
 if t.TYPE_CHECKING:
     from .plugin import Celery
-from .serialization import Codec
+from .envelopes import Codec
 from .watcher import make_watcher
 from .watcher import Watcher
 
