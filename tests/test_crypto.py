@@ -23,9 +23,9 @@ from flask_execute.crypto import Cipher
 from flask_execute.crypto import derive_encryption_key
 from flask_execute.crypto import InvalidCiphertext
 from flask_execute.crypto import NONCE_SIZE
-from flask_execute.dispatch import make_carrier
 from flask_execute.envelopes import Codec
 from flask_execute.envelopes import derive_key
+from flask_execute.failures import make_carrier
 from tests.test_security import handmade
 
 OLD = b"an old encryption secret"

@@ -9,7 +9,8 @@ task base class pushes it); its return value travels back sealed the same way, a
 exception travels as a sealed pickle riding on a JSON-safe stand-in exception that
 keeps the original type's name for logs and Flower. Failures Celery stores itself for
 these tasks (a pool process lost, a time limit) are sealed on their way into the result
-backend (:class:`SealedFailures`), so the caller can trust every failure it accepts.
+backend (:class:`flask_execute.backend.SealedFailures`), so the caller can trust every
+failure it accepts.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import os
 import pickle
 import typing as t
 
-from celery import states
 from celery.exceptions import Ignore
 from celery.exceptions import Reject
 from celery.exceptions import Retry
@@ -27,10 +27,10 @@ from celery.worker.request import Request as CeleryRequest
 from celery.worker.state import task_ready
 
 from .context import eager_run_active
-from .envelopes import Codec
 from .errors import RemoteError
 from .errors import SerializationError
 from .errors import SignatureError
+from .failures import seal_failure
 from .message_fields import unsigned_field_problem
 from .outcomes import contained
 from .redaction import SealedResult
@@ -45,15 +45,7 @@ if t.TYPE_CHECKING:
 
     from .state import _State
 
-__all__ = [
-    "DISPATCH",
-    "DISPATCH_TASKS",
-    "SealedFailures",
-    "dispatch_base",
-    "execute",
-    "make_carrier",
-    "seal_failure",
-]
+__all__ = ["DISPATCH", "DISPATCH_LATE", "DISPATCH_TASKS", "dispatch_base", "execute"]
 
 DISPATCH = "flask_execute.dispatch"
 #: The at-least-once variant: acknowledged after the call, requeued if its worker
@@ -159,54 +151,6 @@ def dispatch_entry(task: Task, state: _State, args: tuple[t.Any, ...],
         _reject(task, SignatureError("malformed", "A dispatch message carries one envelope."))
     # what Celery logs and announces of the result is its repr: keep the envelope out
     return SealedResult(execute(task, state, args[0]))
-
-
-_carriers: dict[tuple[str, str], type[Exception]] = {}
-
-
-def _carrier_class(module: str, qualname: str) -> type[Exception]:
-    carrier_cls = _carriers.get((module, qualname))
-    if carrier_cls is None:
-        carrier_cls = type(
-            qualname.rpartition(".")[2],
-            (Exception,),
-            {
-                "__module__": module,
-                "__qualname__": qualname,
-                "__repr__": lambda self: self.args[2],
-                "__str__": lambda self: self.args[0],
-                # Celery checks that exceptions survive pickle (between pool processes)
-                "__reduce__": lambda self: (_rebuild_carrier, (module, qualname, self.args)),
-                "flask_execute_carrier": True,
-            },
-        )
-        _carriers[(module, qualname)] = carrier_cls
-    return carrier_cls
-
-
-def _rebuild_carrier(module: str, qualname: str, args: tuple[t.Any, ...]) -> Exception:
-    return _carrier_class(module, qualname)(*args)
-
-
-def make_carrier(exc: BaseException, envelope: str, *, clear: bool = True) -> Exception:
-    """A JSON-safe exception standing in for ``exc`` in Celery's result backend.
-
-    Celery stores the type's qualname and module (so logs and Flower still read
-    ``ValueError``) and the args, which hold the readable message and the sealed pickle
-    of the real exception. ``clear=False`` (``CELERY_ENCRYPT``) keeps the message out
-    of the stored state and of the worker's log line: only the type name is readable.
-    """
-    cls = type(exc)
-    carrier_cls = _carrier_class(cls.__module__, cls.__qualname__)
-    if not clear:
-        message, text = "<encrypted>", f"{cls.__qualname__}(<encrypted>)"
-    else:
-        try:
-            message = str(exc)
-            text = repr(exc)
-        except Exception:
-            message = text = f"<unprintable {cls.__qualname__}>"
-    return carrier_cls(message, {"flask_execute": envelope}, text)
 
 
 def _reject(task: Task, exc: SignatureError) -> t.NoReturn:
@@ -389,53 +333,3 @@ def _portable(label: str, outcome: tuple[bool, object]) -> tuple[bool, object]:
 
 def _sealed_failure(state: _State, tid: str, exc: BaseException, tb_text: str) -> Exception:
     return seal_failure(state.codec, tid, exc, tb_text)
-
-
-def seal_failure(codec: Codec, tid: str, exc: BaseException, tb_text: str) -> Exception:
-    """The carrier of ``exc`` sealed for task ``tid``: what a dispatch task raises,
-    and what the result backend stores, for a failure."""
-    envelope = codec.seal("error", tid, dump_exception(exc, tb_text))
-    return make_carrier(exc, envelope, clear=not codec.encrypts)
-
-
-class SealedFailures:
-    """Result backend mixin: every failure stored for a dispatch task is sealed.
-
-    Besides the failures our dispatch code raises (sealed already), Celery stores
-    failures of its own for our tasks: ``WorkerLostError`` when a pool process dies,
-    ``TimeLimitExceeded``, a ``Reject``, an error outside the task body
-    (``celery.app.trace``, ``celery.worker.request``, ``celery.worker.strategy``). All
-    of them go through ``Backend.store_result``; sealing them there, with the app's
-    key, keeps their own type for the caller, who trusts nothing unsigned.
-    """
-
-    app: t.Any
-
-    def store_result(
-        self,
-        task_id: str,
-        result: t.Any,
-        state: str,
-        traceback: t.Any = None,
-        request: t.Any = None,
-        **kwargs: t.Any,
-    ) -> t.Any:
-        if (
-            state == states.FAILURE
-            and isinstance(result, BaseException)
-            and not getattr(result, "flask_execute_carrier", False)
-            and getattr(request, "task", None) in DISPATCH_TASKS
-        ):
-            result = self._sealed(task_id, result, traceback if isinstance(traceback, str) else "")
-        store = super().store_result  # type: ignore[misc]
-        return store(task_id, result, state, traceback, request, **kwargs)
-
-    def _sealed(self, task_id: str, exc: BaseException, tb_text: str) -> BaseException:
-        codec = getattr(getattr(self.app, "flask_execute", None), "codec", None)
-        if not isinstance(codec, Codec):  # a Celery app not set up by flask-execute
-            return exc
-        try:
-            return seal_failure(codec, task_id, contained(exc, tb_text), tb_text)
-        except Exception:  # never keep Celery from storing the failure at all
-            log.exception("flask-execute: could not seal the failure of task %s", task_id)
-            return exc

@@ -13,7 +13,7 @@ outcome of that one task, never as an exception in the result watcher.
   type. A failure without one (Celery's plain format, which anyone can write) raises
   :class:`RemoteError`, with the type it claims as text. Our workers seal every
   failure they store for the dispatch tasks, Celery's own ones included
-  (:class:`flask_execute.dispatch.SealedFailures`).
+  (:class:`flask_execute.backend.SealedFailures`).
 - A :class:`BaseException` that is not an :class:`Exception` (``SystemExit``,
   ``KeyboardInterrupt``, ``GeneratorExit``, ``asyncio.CancelledError``, ...) never
   unwinds the caller, signed or not: it arrives as :class:`RemoteError`
@@ -194,7 +194,7 @@ def _received(exc: object, tb_text: str) -> BaseException:
 
 def _error_envelope(result: object) -> object | None:
     """The error envelope a failure carries in its arguments (see
-    :func:`flask_execute.dispatch.make_carrier`), or None."""
+    :func:`flask_execute.failures.make_carrier`), or None."""
     if isinstance(result, BaseException):
         args: object = result.args
     elif isinstance(result, Mapping):

@@ -132,7 +132,7 @@ class _State:
         self.controller.conf.update(conf)
         install_admission(self.controller, self.settings.max_message_size)
         # our watcher follows our tasks: no per-task subscription by Celery's backend
-        quiet = "flask_execute.watcher:QuietRedisBackend"
+        quiet = "flask_execute.backend:QuietRedisBackend"
         self.controller.loader.override_backends = {"redis": quiet, "rediss": quiet}
         self.controller.flask_app = app
         self.controller.flask_execute = self

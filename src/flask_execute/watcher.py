@@ -26,8 +26,6 @@ from celery.exceptions import SecurityError
 from kombu.exceptions import ContentDisallowed
 from kombu.exceptions import SerializationError
 
-from .dispatch import DISPATCH_TASKS
-from .dispatch import SealedFailures
 from .outcomes import read_state
 from .outcomes import UNREADABLE
 from .outcomes import unreadable
@@ -294,40 +292,3 @@ def make_watcher(backend: t.Any, connect_timeout: float = 10.0) -> Watcher:
     if isinstance(backend, RedisBackend):
         return RedisWatcher(backend, connect_timeout)
     return PollingWatcher(backend)
-
-
-class QuietRedisBackend(SealedFailures, RedisBackend):  # type: ignore[misc]
-    """Celery's Redis result backend, minus the SUBSCRIBE it sends for every published
-    task (and the UNSUBSCRIBE when its AsyncResult is collected): our watcher already
-    follows every task it sends. ``AsyncResult.get()`` of registered tasks still
-    subscribes when called. Failures of the dispatch tasks are stored sealed
-    (:class:`~flask_execute.dispatch.SealedFailures`). Installed through the app
-    loader's ``override_backends``.
-    """
-
-    def on_task_call(self, producer: t.Any, task_id: str) -> None:
-        return None
-
-    def _store_result(
-        self,
-        task_id: str,
-        result: t.Any,
-        state: str,
-        traceback: t.Any = None,
-        request: t.Any = None,
-        **kwargs: t.Any,
-    ) -> t.Any:
-        # Celery reads the stored state first so that a duplicate run cannot overwrite
-        # a SUCCESS. Our dispatch tasks claim their task id before running (replays
-        # and finished redeliveries never run), so for them that read is a wasted
-        # round trip on every task.
-        if getattr(request, "task", None) not in DISPATCH_TASKS or not hasattr(
-            self, "_set_with_state"
-        ):
-            return super()._store_result(task_id, result, state, traceback, request, **kwargs)
-        meta = self._get_result_meta(
-            result=result, state=state, traceback=traceback, request=request
-        )
-        meta["task_id"] = task_id
-        self._set_with_state(self.get_key_for_task(task_id), self.encode(meta), state)
-        return result
