@@ -303,11 +303,11 @@ def _stop_all(
     """Stop what :func:`run` started; one failing stop does not skip the others."""
 
     def stop_watchers() -> None:
-        # a private hook of today's watcher module: imported here, inside a step, so
-        # that a redesigned result path cannot keep the private Redis from stopping
-        from flask_execute.watcher import _stop_all
+        # imported here, inside a step, so that a failing import cannot keep the
+        # private Redis from stopping
+        from flask_execute.watcher import stop_all
 
-        _stop_all()
+        stop_all()
 
     steps: list[tuple[str, t.Callable[[], object]]] = []
     if fe_celery is not None:

@@ -46,9 +46,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    from flask_execute.watcher import _stop_all
+    from flask_execute.watcher import stop_all
 
-    _stop_all()  # before the Redis they watch goes away
+    stop_all()  # before the Redis they watch goes away
     if _redis is not None:
         _redis.stop()
     _tmp.cleanup()

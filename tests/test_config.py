@@ -17,12 +17,12 @@ from flask import Flask
 from flask_execute import config
 from flask_execute import ConfigurationError
 from flask_execute import ExecuteError
-from flask_execute.config import celery_settings
+from flask_execute.celery_conf import celery_settings
 from flask_execute.config import KEYS
 from flask_execute.config import load
 from flask_execute.config import Settings
-from flask_execute.config import worker_argv
-from flask_execute.config import WORKER_OPTIONS
+from flask_execute.worker_options import worker_argv
+from flask_execute.worker_options import WORKER_OPTIONS
 
 WORKERS_EXPECTED = "an int, a list of names or a dict of options"
 KNOWN_OPTIONS = (

@@ -11,8 +11,8 @@ import re
 import pytest
 
 from flask_execute.config import KEYS
-from flask_execute.config import worker_argv
-from flask_execute.config import WORKER_OPTIONS
+from flask_execute.worker_options import worker_argv
+from flask_execute.worker_options import WORKER_OPTIONS
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 

@@ -29,7 +29,7 @@ import pytest
 from celery.exceptions import MaxRetriesExceededError
 from flask import Flask
 
-import flask_execute.state
+import flask_execute.runtime
 from flask_execute import Celery
 from flask_execute.processes import free_port
 from flask_execute.redaction import redact
@@ -501,7 +501,7 @@ def test_log_files_are_private(monkeypatch, tmp_path):
     """Worker, beat, Flower and embedded Redis logs are created 0600, in a log
     directory created 0700; an existing directory keeps its mode (its owner's choice)
     but the files created in it are 0600 too."""
-    monkeypatch.setattr(flask_execute.state, "redis_answers", lambda *a, **k: False)
+    monkeypatch.setattr(flask_execute.runtime, "redis_answers", lambda *a, **k: False)
     logs = tmp_path / "new" / "logs"
     existing = tmp_path / "existing"
     existing.mkdir()

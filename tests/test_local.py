@@ -14,7 +14,7 @@ import time
 import pytest
 from flask import Flask
 
-import flask_execute.state
+import flask_execute.runtime
 from flask_execute import BrokerUnavailable
 from flask_execute import Celery
 from flask_execute import ServiceStartError
@@ -154,7 +154,7 @@ def test_broker_unreachable_fails_fast(log_dir):
 
 
 def test_embedded_broker_when_nothing_listens(monkeypatch, log_dir, tmp_path):
-    monkeypatch.setattr(flask_execute.state, "redis_answers", lambda *a, **k: False)
+    monkeypatch.setattr(flask_execute.runtime, "redis_answers", lambda *a, **k: False)
     app = Flask("embedded_test_app", instance_path=str(tmp_path / "instance"))
     app.config.update(CELERY_LOG_DIR=log_dir, CELERY_WORKERS=["embedded"], CELERY_FLOWER=False)
     celery = Celery(app)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import datetime
+from collections.abc import Iterator
 
 import pytest
 from flask import Flask
@@ -15,14 +16,15 @@ from tests.apps import tasks
 
 
 @pytest.fixture
-def celery(broker_url: str) -> Celery:
+def celery(broker_url: str) -> Iterator[Celery]:
     app = Flask("options_app")
     app.config.update(
         SECRET_KEY="options-secret-for-tests",
         CELERY_BROKER_URL=broker_url,
         CELERY_START_LOCAL_WORKERS=False,
     )
-    return Celery(app)
+    with app.app_context():  # the extension holds its apps weakly: keep this one
+        yield Celery(app)
 
 
 @pytest.mark.parametrize(

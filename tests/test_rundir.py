@@ -29,7 +29,7 @@ import pytest
 from flask import Flask
 
 import flask_execute.local
-import flask_execute.state
+import flask_execute.runtime
 from flask_execute import bootfile
 from flask_execute import Celery
 from flask_execute import ServiceStartError
@@ -491,7 +491,7 @@ def test_swapped_boot_file_is_refused_by_the_worker(
 # --- it works: local workers and the embedded Redis in the new place ---------------------------
 def test_local_workers_and_embedded_redis_live_in_the_home_cache(machine, monkeypatch, log_dir):
     monkeypatch.delenv("XDG_RUNTIME_DIR")
-    monkeypatch.setattr(flask_execute.state, "redis_answers", lambda *a, **k: False)
+    monkeypatch.setattr(flask_execute.runtime, "redis_answers", lambda *a, **k: False)
     app = Flask("rundir_app", instance_path=machine.instance)
     app.config.update(CELERY_LOG_DIR=log_dir, CELERY_WORKERS=["rundir-home"], CELERY_FLOWER=False)
     celery = Celery(app)
@@ -520,7 +520,7 @@ def test_local_workers_and_embedded_redis_live_in_the_home_cache(machine, monkey
 
 
 def test_too_long_socket_path_fails_clearly(machine, monkeypatch, log_dir):
-    monkeypatch.setattr(flask_execute.state, "redis_answers", lambda *a, **k: False)
+    monkeypatch.setattr(flask_execute.runtime, "redis_answers", lambda *a, **k: False)
     deep = machine.run
     while len(str(deep)) < 80:
         deep = our_dir(deep / "a-rather-long-directory-name")

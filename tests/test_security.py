@@ -533,7 +533,7 @@ def test_sec07_replay_under_another_id_leaves_the_original_alone(direct, tmp_pat
     direct.assert_rejected({attacker_id: "binding_mismatch"})
     assert read(str(counter)).count("\n") == 1
     assert direct.client.get(f"celery-task-meta-{original.id}") == meta
-    assert direct.state.open_result(original.id, envelope) == str(counter)
+    assert direct.state.outcomes.value(original.id, envelope) == str(counter)
 
 
 @pytest.mark.parametrize(

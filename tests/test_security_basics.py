@@ -68,9 +68,9 @@ def test_forged_result_is_refused_without_unpickling(direct_app, tmp_path, redis
 
     state = direct_app.extensions["celery"]
     canary = tmp_path / "pwned-web"
-    future = Future(str(uuid.uuid4()), state)
+    future = Future(str(uuid.uuid4()), state.client)
     raw = pickle.dumps(Canary(str(canary))).hex()
-    state.apply_meta(future, {"status": "SUCCESS", "result": raw})
+    state.outcomes.deliver(future.id, {"status": "SUCCESS", "result": raw}, future)
     exc = future.exception(0)
     assert isinstance(exc, SignatureError) and exc.reason == "malformed"
     assert not canary.exists()

@@ -15,9 +15,6 @@ import typing as t
 
 from .futures import READY
 
-if t.TYPE_CHECKING:
-    from .state import _State
-
 __all__ = ["Claims"]
 
 # claim KEYS[1] if nobody has; then store and publish the STARTED meta (KEYS[2]) as
@@ -46,8 +43,13 @@ return nil
 class Claims:
     """The claims of one app's tasks."""
 
-    def __init__(self, state: _State) -> None:
-        self._state = state
+    def __init__(self, controller: t.Any, ttl: int, max_deliveries: int) -> None:
+        """``controller`` is the app's ``celery.Celery`` (its result backend holds the
+        claims), ``ttl`` how long a claim lives in seconds (longer than an envelope stays
+        valid), ``max_deliveries`` the at-least-once delivery cap."""
+        self._controller = controller
+        self._ttl = ttl
+        self._max_deliveries = max_deliveries
 
     def _claim_key(self, task_id: str) -> str:
         return f"flask-execute:claim:{task_id}"
@@ -55,7 +57,7 @@ class Claims:
     def _redis(self) -> t.Any:
         from celery.backends.redis import RedisBackend
 
-        backend = self._state.controller.backend
+        backend = self._controller.backend
         return backend.client if isinstance(backend, RedisBackend) else None
 
     def claim(self, task_id: str, attempt: int, late: bool = False, started: t.Any = None) -> str:
@@ -75,9 +77,9 @@ class Claims:
         if client is None:
             return "run"
         key = self._claim_key(task_id)
-        ttl = int(self._state.codec.max_age) + 60
+        ttl = self._ttl
         if started is not None:
-            backend = self._state.controller.backend
+            backend = self._controller.backend
             meta = backend.encode(
                 backend._get_result_meta(
                     result={"pid": os.getpid(), "hostname": started.hostname},
@@ -112,11 +114,11 @@ class Claims:
             return "duplicate"
         # at-least-once: a redelivery after a lost worker runs again, unless the task
         # already finished (then it is a replay) or kept killing its worker
-        meta = self._state.controller.backend.get_task_meta(task_id)
+        meta = self._controller.backend.get_task_meta(task_id)
         if meta.get("status") in READY:
             return "duplicate"
         deliveries = client.incr(f"flask-execute:deliveries:{task_id}")
-        return "poison" if deliveries > self._state.settings.max_deliveries else "run"
+        return "poison" if deliveries > self._max_deliveries else "run"
 
     def claimed(self, task_id: str) -> bool:
         """Did a worker ever claim (start, or see cancelled) this task id?"""
@@ -131,15 +133,13 @@ class Claims:
         even after its result expired."""
         client = self._redis()
         if client is not None:
-            client.set(self._claim_key(task_id), "done", ex=int(self._state.codec.max_age) + 60)
+            client.set(self._claim_key(task_id), "done", ex=self._ttl)
 
     def allow_retry(self, task_id: str, attempt: int) -> None:
         """The running attempt raised ``Retry``: let attempt ``attempt`` claim the id."""
         client = self._redis()
         if client is not None:
-            client.set(
-                self._claim_key(task_id), f"retry:{attempt}", ex=int(self._state.codec.max_age) + 60
-            )
+            client.set(self._claim_key(task_id), f"retry:{attempt}", ex=self._ttl)
 
     def cancel(self, task_id: str) -> bool:
         """Caller side: claim the id as cancelled; False if a worker claimed it first.
@@ -147,5 +147,5 @@ class Claims:
         client = self._redis()
         if client is None:
             return True
-        ttl = int(self._state.codec.max_age) + 60
+        ttl = self._ttl
         return bool(client.set(self._claim_key(task_id), "cancelled", nx=True, ex=ttl))

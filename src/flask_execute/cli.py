@@ -21,24 +21,22 @@ from flask import current_app
 from flask.cli import AppGroup
 from flask.cli import with_appcontext
 
-from .config import worker_argv
 from .local import flower_login
 from .local import FLOWER_LOGIN_ENV
 from .processes import make_private_dir
-
-if t.TYPE_CHECKING:
-    from .state import _State
+from .runtime import Runtime
+from .worker_options import worker_argv
 
 __all__ = ["celery_cli"]
 
 _PASS = {"ignore_unknown_options": True, "allow_extra_args": True}
 
 
-def _state() -> _State:
+def _state() -> Runtime:
     state = current_app.extensions.get("celery")
     if state is None:  # pragma: no cover - the group is only added by init_app
         raise click.ClickException("This app does not use flask-execute.")
-    return t.cast("_State", state)
+    return t.cast(Runtime, state)
 
 
 def _run_celery(argv: list[str]) -> t.NoReturn:

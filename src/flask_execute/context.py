@@ -9,7 +9,9 @@ the running task, falsy outside one.
 
 from __future__ import annotations
 
+import contextlib
 import typing as t
+from collections.abc import Iterator
 from contextvars import ContextVar
 
 from celery import Task
@@ -18,7 +20,7 @@ from werkzeug.local import LocalProxy
 if t.TYPE_CHECKING:
     from flask import Flask
 
-__all__ = ["current_task", "eager_run_active", "make_task_class"]
+__all__ = ["current_task", "eager_run", "eager_run_active", "make_task_class", "task_running"]
 
 _no_task_msg = """\
 Working outside of a task.
@@ -38,6 +40,22 @@ current_task: Task = LocalProxy(_cv_task, unbound_message=_no_task_msg)
 _eager_listeners: ContextVar[t.Callable[[str, object], None] | None] = ContextVar(
     "flask_execute.eager_listener", default=None
 )
+
+
+@contextlib.contextmanager
+def eager_run(listener: t.Callable[[str, object], None]) -> Iterator[None]:
+    """Run a task eagerly in this thread: its ``update_state`` calls go to
+    ``listener(state, meta)`` instead of a result backend."""
+    token = _eager_listeners.set(listener)
+    try:
+        yield
+    finally:
+        _eager_listeners.reset(token)
+
+
+def task_running() -> bool:
+    """True inside the body of a task of ours (submitted, registered or scheduled)."""
+    return _cv_task.get(None) is not None
 
 
 def eager_run_active() -> bool:

@@ -15,6 +15,7 @@ failure it accepts.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import pickle
@@ -26,7 +27,9 @@ from celery.exceptions import Retry
 from celery.worker.request import Request as CeleryRequest
 from celery.worker.state import task_ready
 
+from .claims import Claims
 from .context import eager_run_active
+from .envelopes import Codec
 from .errors import RemoteError
 from .errors import SerializationError
 from .errors import SignatureError
@@ -43,9 +46,17 @@ from .serialization import format_exception
 if t.TYPE_CHECKING:
     from celery import Task
 
-    from .state import _State
 
-__all__ = ["DISPATCH", "DISPATCH_LATE", "DISPATCH_TASKS", "dispatch_base", "execute"]
+__all__ = [
+    "DISPATCH",
+    "DISPATCH_LATE",
+    "DISPATCH_TASKS",
+    "SafeRequest",
+    "Worker",
+    "dispatch_base",
+    "dispatch_entry",
+    "execute",
+]
 
 DISPATCH = "flask_execute.dispatch"
 #: The at-least-once variant: acknowledged after the call, requeued if its worker
@@ -62,6 +73,17 @@ except ImportError:  # pragma: no cover - older billiard
 
     def _leaving() -> bool:
         return False
+
+
+@dataclasses.dataclass(frozen=True)
+class Worker:
+    """What the dispatch tasks of one app need on a worker: the ``codec`` that opens
+    calls and seals outcomes, the ``claims`` that decide at most one run per task id,
+    and the at-least-once delivery cap."""
+
+    codec: Codec
+    claims: Claims
+    max_deliveries: int
 
 
 class SafeRequest(CeleryRequest):  # type: ignore[misc]
@@ -144,13 +166,13 @@ def dispatch_base(task_class: type[Task]) -> type[Task]:
     return DispatchTask
 
 
-def dispatch_entry(task: Task, state: _State, args: tuple[t.Any, ...],
+def dispatch_entry(task: Task, worker: Worker, args: tuple[t.Any, ...],
                    kwargs: dict[str, t.Any]) -> t.Any:  # fmt: skip
     """The body of both dispatch tasks: exactly one argument, the envelope."""
     if len(args) != 1 or kwargs:
         _reject(task, SignatureError("malformed", "A dispatch message carries one envelope."))
     # what Celery logs and announces of the result is its repr: keep the envelope out
-    return SealedResult(execute(task, state, args[0]))
+    return SealedResult(execute(task, worker, args[0]))
 
 
 def _reject(task: Task, exc: SignatureError) -> t.NoReturn:
@@ -158,7 +180,7 @@ def _reject(task: Task, exc: SignatureError) -> t.NoReturn:
     raise Ignore()
 
 
-def execute(task: Task, state: _State, envelope: str) -> t.Any:
+def execute(task: Task, worker: Worker, envelope: str) -> t.Any:
     """Verify, unpickle and run one envelope; return the sealed outcome.
 
     Every decision (claim, replay, cancel, delivery cap) keys on the task id inside the
@@ -166,42 +188,44 @@ def execute(task: Task, state: _State, envelope: str) -> t.Any:
     (:func:`eager_run_active`), never by request fields a broker writer could set.
     """
     eager = eager_run_active()
-    header, payload = _admit(task, state, envelope, eager)
+    header, payload = _admit(task, worker, envelope, eager)
     if task.name != DISPATCH_LATE or eager:
-        return _run(task, state, header, payload, eager)
+        return _run(task, worker, header, payload, eager)
     # at-least-once: once the call finished (either way), later deliveries are
     # duplicates, even after the result expired; a retry keeps its own claim
     try:
-        outcome = _run(task, state, header, payload, eager)
+        outcome = _run(task, worker, header, payload, eager)
     except Retry:
         raise
     except BaseException:
         if not _leaving():  # a pool process stopped mid-call has not finished it
-            state.claims.finish(header["tid"])
+            worker.claims.finish(header["tid"])
         raise
-    state.claims.finish(header["tid"])
+    worker.claims.finish(header["tid"])
     return outcome
 
 
-def _admit(task: Task, state: _State, envelope: str, eager: bool) -> tuple[dict[str, t.Any], bytes]:
+def _admit(
+    task: Task, worker: Worker, envelope: str, eager: bool
+) -> tuple[dict[str, t.Any], bytes]:
     """Check the envelope and claim the task id; raise Ignore for what must not run."""
     request = task.request
     bindings: dict[str, object] = {"task": task.name}
     if not eager:  # a worker: the message's lineage is signed too
         bindings["root"] = request.root_id
     try:
-        header, payload = state.codec.open(envelope, "call", request.id, bindings)
+        header, payload = worker.codec.open(envelope, "call", request.id, bindings)
     except SignatureError as exc:
         if exc.reason not in ("python_mismatch", "encryption_mismatch"):
             _reject(task, exc)
         # the MAC checked out: a genuine set-up mistake, reported to the caller
-        raise _sealed_failure(state, request.id, SerializationError(str(exc)), "") from None
+        raise _sealed_failure(worker, request.id, SerializationError(str(exc)), "") from None
     tid: str = header["tid"]  # == request.id, now verified
     if not eager and not _parent_agrees(header.get("parent"), request, tid):
         _reject(task, SignatureError("binding_mismatch", "Envelope is not for this parent."))
     label = header.get("fn", "?")
     if not eager:
-        claim = state.claims.claim(
+        claim = worker.claims.claim(
             tid, request.retries or 0, late=task.name == DISPATCH_LATE, started=request
         )
         if claim == "cancelled":
@@ -219,7 +243,7 @@ def _admit(task: Task, state: _State, envelope: str, eager: bool) -> tuple[dict[
             # signed, but this delivery of it already ran (or runs): a replay
             _reject(task, SignatureError("replayed", "This task id already ran."))
         if claim == "poison":
-            cap = state.settings.max_deliveries
+            cap = worker.max_deliveries
             poison = RemoteError(
                 "flask_execute.PoisonMessage",
                 f"{label} was delivered {cap} times without finishing (its worker process"
@@ -227,7 +251,7 @@ def _admit(task: Task, state: _State, envelope: str, eager: bool) -> tuple[dict[
             )
             log.error("flask-execute: task %s [%s] gave up after %d deliveries", label, tid, cap)
             task.backend.mark_as_failure(
-                tid, _sealed_failure(state, tid, poison, ""), request=request
+                tid, _sealed_failure(worker, tid, poison, ""), request=request
             )
             raise Ignore()
         if claim != "started":  # not stored with the claim (retries, redeliveries)
@@ -245,7 +269,9 @@ def _parent_agrees(signed: object, request: t.Any, tid: str) -> bool:
     return parent == signed or (signed is None and bool(request.retries) and parent == tid)
 
 
-def _run(task: Task, state: _State, header: dict[str, t.Any], payload: bytes, eager: bool) -> t.Any:
+def _run(
+    task: Task, worker: Worker, header: dict[str, t.Any], payload: bytes, eager: bool
+) -> t.Any:
     """Unpickle the verified call, run it, seal what it returned or raised."""
     tid: str = header["tid"]
     label = header.get("fn", "?")
@@ -257,7 +283,7 @@ def _run(task: Task, state: _State, header: dict[str, t.Any], payload: bytes, ea
             " A function sent by reference must be importable on the worker (same code"
             " and sys.path as the web process)."
         )
-        raise _sealed_failure(state, tid, error, format_exception(exc)) from None
+        raise _sealed_failure(worker, tid, error, format_exception(exc)) from None
     if header.get("k") == "chunk":
         func, calls = call
         outcomes: list[tuple[bool, object]] = []
@@ -277,19 +303,19 @@ def _run(task: Task, state: _State, header: dict[str, t.Any], payload: bytes, ea
         except Exception:
             # find the one result that cannot travel and report it alone
             data, by_value = dumps([_portable(label, o) for o in outcomes])
-        return state.codec.seal("result", tid, data, by_value=by_value)
+        return worker.codec.seal("result", tid, data, by_value=by_value)
     func, args, kwargs = call
     try:
         value = func(*args, **kwargs)
     except Retry:
         # the next delivery of this task id is a legitimate retry: let it claim
         if not eager:
-            state.claims.allow_retry(tid, (task.request.retries or 0) + 1)
+            worker.claims.allow_retry(tid, (task.request.retries or 0) + 1)
         raise
     except _CONTROL_FLOW:
         raise
     except Exception as exc:
-        raise _sealed_failure(state, tid, exc, format_exception(exc)).with_traceback(
+        raise _sealed_failure(worker, tid, exc, format_exception(exc)).with_traceback(
             exc.__traceback__
         ) from None
     except BaseException as exc:
@@ -299,7 +325,7 @@ def _run(task: Task, state: _State, header: dict[str, t.Any], payload: bytes, ea
             raise
         # raised by the task's own code (SystemExit, KeyboardInterrupt, GeneratorExit,
         # asyncio.CancelledError, ...): reported, never re-raised; the worker lives on
-        raise _sealed_failure(state, tid, _exit_error(exc), format_exception(exc)) from None
+        raise _sealed_failure(worker, tid, _exit_error(exc), format_exception(exc)) from None
     try:
         data, by_value = dumps(value)
     except Exception as exc:
@@ -307,8 +333,8 @@ def _run(task: Task, state: _State, header: dict[str, t.Any], payload: bytes, ea
             f"The return value of {label} ({type(value).__name__}) cannot be serialized:"
             f" {type(exc).__name__}: {exc}. Return something picklable."
         )
-        raise _sealed_failure(state, tid, error, format_exception(exc)) from None
-    return state.codec.seal("result", tid, data, by_value=by_value)
+        raise _sealed_failure(worker, tid, error, format_exception(exc)) from None
+    return worker.codec.seal("result", tid, data, by_value=by_value)
 
 
 def _exit_error(exc: BaseException) -> BaseException:
@@ -331,5 +357,5 @@ def _portable(label: str, outcome: tuple[bool, object]) -> tuple[bool, object]:
         return False, (pickle.loads(dump_exception(original, tb_text))[0], tb_text)
 
 
-def _sealed_failure(state: _State, tid: str, exc: BaseException, tb_text: str) -> Exception:
-    return seal_failure(state.codec, tid, exc, tb_text)
+def _sealed_failure(worker: Worker, tid: str, exc: BaseException, tb_text: str) -> Exception:
+    return seal_failure(worker.codec, tid, exc, tb_text)

@@ -19,10 +19,8 @@ from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Iterator
 
+from .client import Client
 from .futures import Future
-
-if t.TYPE_CHECKING:
-    from .plugin import Celery
 
 __all__ = ["CeleryExecutor"]
 
@@ -33,9 +31,10 @@ R = t.TypeVar("R")
 class CeleryExecutor(concurrent.futures.Executor):
     """An executor whose workers are Celery workers of one Flask app."""
 
-    def __init__(self, extension: Celery, **options: t.Any) -> None:
-        self._extension = extension
-        self._state = extension._get_state()  # bound to the app current at creation
+    def __init__(self, client: Client, **options: t.Any) -> None:
+        """``client``: the caller side of the app whose workers run the calls;
+        ``options``: Celery options for every call (``queue=``, ...)."""
+        self._client = client
         self._options = options
         self._lock = threading.Lock()
         self._shutdown = False
@@ -61,8 +60,7 @@ class CeleryExecutor(concurrent.futures.Executor):
         """
         with self._lock:
             self._check_open()
-        with self._state.app.app_context():
-            future = self._extension.apply(fn, args, kwargs, **self._options)
+        future = self._client.apply(fn, args, kwargs, dict(self._options))
         self._track(future)
         return future
 
@@ -85,10 +83,9 @@ class CeleryExecutor(concurrent.futures.Executor):
         with self._lock:
             self._check_open()
         calls = list(zip(*iterables, strict=False))
-        with self._state.app.app_context():
-            pool = self._extension.map_apply(
-                fn, calls, chunksize=chunksize if chunksize > 1 else None, **self._options
-            )
+        pool = self._client.map_apply(
+            fn, calls, None, chunksize if chunksize > 1 else None, dict(self._options)
+        )
         for future in pool:
             self._track(future)
         futures = list(pool)

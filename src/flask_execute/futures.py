@@ -19,14 +19,11 @@ from collections.abc import Callable
 from collections.abc import Generator
 from collections.abc import Iterator
 
-from .context import _cv_task
 from .context import eager_run_active
+from .context import task_running
 from .errors import TaskTimeoutError
 
-if t.TYPE_CHECKING:
-    from .state import _State
-
-__all__ = ["Future", "FuturePool"]
+__all__ = ["READY", "Chunk", "Future", "FutureLink", "FuturePool"]
 
 T = t.TypeVar("T")
 
@@ -34,6 +31,24 @@ T = t.TypeVar("T")
 # a task reports through update_state (PROGRESS, ...); these mean "not yet":
 _NOT_STARTED = frozenset({"PENDING", "RECEIVED", "RETRY", "REJECTED"})
 READY = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
+
+
+class FutureLink(t.Protocol):
+    """What a :class:`Future` asks of the runtime that made it; nothing else of it."""
+
+    def cancel(self, future: Future[t.Any], terminate: bool) -> bool:
+        """Stop the task from running (or, with ``terminate``, stop it): True when it
+        will never run."""
+
+    def hold(self, future: Future[t.Any]) -> None:
+        """Keep delivering the task's states to ``future`` even when nobody else
+        references it (it has done-callbacks)."""
+
+    def describe_wait(self, future: Future[t.Any]) -> str:
+        """Why the task is not done yet, for a timeout error ('' when unknown)."""
+
+    def async_result(self, task_id: str) -> t.Any:
+        """Celery's ``AsyncResult`` for ``task_id``."""
 
 
 class Future(concurrent.futures.Future[T]):
@@ -47,19 +62,21 @@ class Future(concurrent.futures.Future[T]):
     def __init__(
         self,
         task_id: str,
-        state: _State | None = None,
+        link: FutureLink | None = None,
         *,
         name: str | None = None,
         queue: str | None = None,
+        chunk: Chunk | None = None,
     ) -> None:
         super().__init__()
         self._task_id = task_id
-        self._owner = state
+        self._link = link
         self._name = name
         self._queue = queue
         self._celery_state = "PENDING"
         self._info: object = None
-        self._chunk: _Chunk | None = None
+        #: the ``map`` chunk (one message, several calls) this future is a member of
+        self.chunk = chunk
 
     def __repr__(self) -> str:
         return f"<Future {self._name or ''}[{self._task_id}] {self._celery_state}>"
@@ -91,15 +108,21 @@ class Future(concurrent.futures.Future[T]):
         return self._info
 
     @property
+    def queue(self) -> str | None:
+        """The queue the call was sent to, when given (None: the default queue)."""
+        return self._queue
+
+    @property
     def async_result(self) -> t.Any:
         """Celery's ``AsyncResult`` for this task (``None`` without a Celery app)."""
-        if self._owner is None:
+        if self._link is None:
             return None
-        return self._owner.controller.AsyncResult(self._task_id)
+        return self._link.async_result(self._task_id)
 
-    # --- transitions driven by the watcher ---------------------------------------
-    def _on_state(self, state: str, info: object = None) -> None:
-        """A non-final Celery state arrived (STARTED, PROGRESS, RETRY, ...)."""
+    # --- transitions, driven from outside (the result watcher, eager runs) ---------
+    def set_progress(self, state: str, info: object = None) -> None:
+        """A non-final Celery state arrived (STARTED, PROGRESS, RETRY, ...): follow it.
+        Ignored once the future is done."""
         with self._condition:
             if self._state in (_base.FINISHED, _base.CANCELLED, _base.CANCELLED_AND_NOTIFIED):
                 return
@@ -110,8 +133,9 @@ class Future(concurrent.futures.Future[T]):
                 self._state = _base.RUNNING
             # no notify: the stdlib's waiters wake only for a final state
 
-    def _finish(self, state: str, value: object = None, exc: BaseException | None = None) -> None:
-        """A final state arrived; resolve the future exactly once."""
+    def settle(self, state: str, value: object = None, exc: BaseException | None = None) -> None:
+        """A final Celery state arrived (``SUCCESS`` with ``value``, ``FAILURE`` with
+        ``exc``, ``REVOKED``): resolve the future. Only the first call counts."""
         with self._condition:
             if self._state in (_base.FINISHED, _base.CANCELLED, _base.CANCELLED_AND_NOTIFIED):
                 return
@@ -131,10 +155,6 @@ class Future(concurrent.futures.Future[T]):
         else:
             self.set_result(t.cast(T, value))
 
-    def _on_meta(self, meta: dict[str, t.Any]) -> None:
-        if self._owner is not None:
-            self._owner.apply_meta(self, meta)
-
     # --- the concurrent.futures API ----------------------------------------------
     def cancel(self, terminate: bool = False) -> bool:
         """Cancel the task if it has not started; return True when it will never run.
@@ -150,7 +170,7 @@ class Future(concurrent.futures.Future[T]):
                 return True
             if self._state == _base.RUNNING and not terminate:
                 return False
-        if self._owner is not None and not self._owner.cancel_task(self, terminate):
+        if self._link is not None and not self._link.cancel(self, terminate):
             return False
         with self._condition:
             if self._state == _base.FINISHED:
@@ -166,12 +186,12 @@ class Future(concurrent.futures.Future[T]):
     def add_done_callback(self, fn: Callable[[concurrent.futures.Future[T]], object]) -> None:
         """Call ``fn(future)`` once, when the future is done or cancelled (at once if it
         already is). Callbacks run in the result watcher's thread."""
-        if self._owner is not None and not self.done():
-            self._owner.hold(self)
+        if self._link is not None and not self.done():
+            self._link.hold(self)
         super().add_done_callback(fn)
 
     def _guard(self) -> None:
-        if not self.done() and _cv_task.get(None) is not None and not eager_run_active():
+        if not self.done() and task_running() and not eager_run_active():
             raise RuntimeError(
                 "Waiting for a Future inside a task would block a worker slot (and can"
                 " deadlock the pool). Return the future's id, use a callback, or"
@@ -205,7 +225,7 @@ class Future(concurrent.futures.Future[T]):
 
     def _timeout_error(self, timeout: float | None) -> TaskTimeoutError:
         where = f" on queue {self._queue!r}" if self._queue else ""
-        detail = self._owner.describe_wait(self) if self._owner is not None else ""
+        detail = self._link.describe_wait(self) if self._link is not None else ""
         return TaskTimeoutError(
             f"Task {self._name or ''}[{self._task_id}] not done after {timeout} s"
             f" (state {self._celery_state}{where}).{detail}"
@@ -215,17 +235,13 @@ class Future(concurrent.futures.Future[T]):
         return asyncio.wrap_future(self).__await__()
 
 
-class _Chunk:
-    """One Celery task carrying several calls of a ``map`` (``chunksize=``)."""
+class Chunk:
+    """One Celery task carrying several calls of a ``map`` (``chunksize=``): its task
+    id and the futures of its calls, in order."""
 
-    def __init__(self, task_id: str, members: list[Future[t.Any]]) -> None:
+    def __init__(self, task_id: str) -> None:
         self.task_id = task_id
-        self.members = members
-
-    def _on_meta(self, meta: dict[str, t.Any]) -> None:
-        owner = self.members[0]._owner
-        if owner is not None:
-            owner.apply_chunk_meta(self, meta)
+        self.members: list[Future[t.Any]] = []
 
 
 class FuturePool(t.Generic[T]):

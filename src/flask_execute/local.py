@@ -38,7 +38,7 @@ import time
 import typing as t
 
 from . import bootfile
-from .config import worker_argv
+from .config import Settings
 from .embedded import EmbeddedRedis
 from .embedded import redis_answers
 from .embedded import redis_binary
@@ -50,13 +50,12 @@ from .processes import terminate
 from .processes import wait_ready
 from .rundir import create_private
 from .rundir import open_private
-
-if t.TYPE_CHECKING:
-    from .state import _State
+from .worker_options import worker_argv
 
 __all__ = [
     "EmbeddedRedis",
     "LocalServices",
+    "ServiceHost",
     "flower_login",
     "log_tail",
     "redis_answers",
@@ -85,10 +84,33 @@ def flower_login(configured: list[str]) -> tuple[str, str | None]:
 
 
 # --- the services of one app ---------------------------------------------------------
+class ServiceHost(t.Protocol):
+    """What the local services need of the app they serve."""
+
+    settings: Settings
+    broker_url: str
+    embedded_broker: EmbeddedRedis | None
+
+    @property
+    def runtime_dir(self) -> str: ...
+
+    def boot_content(self) -> dict[str, object]:
+        """What a child needs to rebuild the app (written to its boot file)."""
+
+    def worker_options(self, name: str, local: bool = True) -> dict[str, object]:
+        """The ``celery worker`` options of one configured worker."""
+
+    def has_schedule(self) -> bool:
+        """Does beat have anything to run?"""
+
+    def ping(self, timeout: float = 1.0, limit: int | None = None) -> dict[str, str]:
+        """``{node: "OK"}`` of the workers answering a broadcast ping."""
+
+
 class LocalServices:
     """Workers (and the embedded Redis) of one app, started once per host."""
 
-    def __init__(self, state: _State) -> None:
+    def __init__(self, state: ServiceHost) -> None:
         self._state = state
         self._lock = threading.RLock()
         self._children: list[Child] = []
@@ -203,7 +225,7 @@ class LocalServices:
                 child = spawn(name, argv, log_path, env=env, pass_fds=(read,), ready=True)
                 self._children.append(child)
                 started.append(child)
-            if settings.scheduler and state.controller.conf.beat_schedule:
+            if settings.scheduler and state.has_schedule():
                 started.append(self._spawn_beat(env, read, log_dir))
             if settings.flower:
                 self._spawn_flower(env, read, log_dir)

@@ -35,8 +35,13 @@ from .envelopes import Codec
 from .errors import RemoteError
 from .errors import RemoteTraceback
 from .errors import SignatureError
+from .futures import Chunk
+from .futures import Future
+from .futures import READY
 
 __all__ = ["UNREADABLE", "Outcome", "Outcomes", "contained", "read_state", "unreadable"]
+
+Handler: t.TypeAlias = Future[t.Any] | Chunk
 
 #: The key of a meta that stands for an unreadable state; its value says why.
 UNREADABLE = "flask_execute_unreadable"
@@ -111,6 +116,33 @@ class Outcomes:
                 f" ({type(exc).__name__}); it was refused.",
             )
             return Outcome(states.FAILURE, exc=error)
+
+    def deliver(self, task_id: str, meta: Mapping[str, t.Any], handler: Handler) -> None:
+        """Move ``handler`` (a future, or the futures of a ``map`` chunk) to the state
+        ``meta`` stands for."""
+        if isinstance(handler, Chunk):
+            self._deliver_chunk(task_id, meta, handler.members)
+            return
+        outcome = self.read(task_id, meta)
+        if outcome.status not in READY:
+            handler.set_progress(outcome.status, outcome.value)
+        else:
+            handler.settle(outcome.status, outcome.value, exc=outcome.exc)
+
+    def _deliver_chunk(
+        self, task_id: str, meta: Mapping[str, t.Any], members: list[Future[t.Any]]
+    ) -> None:
+        outcome = self.read(task_id, meta, calls=len(members))
+        if outcome.status not in READY:
+            for member in members:
+                member.set_progress(outcome.status, outcome.value)
+        elif outcome.status == states.SUCCESS:
+            calls = t.cast(list[Outcome], outcome.value)
+            for member, call in zip(members, calls, strict=True):
+                member.settle(call.status, call.value, exc=call.exc)
+        else:
+            for member in members:
+                member.settle(outcome.status, exc=outcome.exc)
 
     def value(self, task_id: str, envelope: object) -> t.Any:
         """Verify and unpickle the result envelope of task ``task_id``.

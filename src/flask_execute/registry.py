@@ -26,10 +26,26 @@ from collections.abc import Iterator
 if t.TYPE_CHECKING:
     from celery import Task
 
-    from .plugin import Celery
-    from .state import _State
+__all__ = ["AppTarget", "ScheduleRegistry", "Source", "TaskProxy", "TaskRegistry", "task_name"]
 
-__all__ = ["ScheduleRegistry", "TaskProxy", "TaskRegistry", "task_name"]
+
+class AppTarget(t.Protocol):
+    """What a declaration needs of one app: its Celery app, and a way to start its
+    local services (``delay`` starts them, like ``submit``)."""
+
+    controller: t.Any
+
+    def ensure_started(self) -> None: ...
+
+
+class Source(t.Protocol):
+    """Where the registries find the apps to register on: every app served so far,
+    and the current one."""
+
+    def runtimes(self) -> list[t.Any]: ...
+
+    def runtime(self, app: t.Any = None) -> t.Any: ...
+
 
 F = t.TypeVar("F", bound=Callable[..., t.Any])
 
@@ -83,12 +99,12 @@ class TaskProxy:
     @property
     def task(self) -> Task:
         """The registered Celery task of the current app."""
-        state = self._registry._extension._get_state()
+        state: AppTarget = self._registry.source.runtime()
         return state.controller.tasks[self._declaration.name]
 
     def __getattr__(self, name: str) -> t.Any:
         # delay, apply_async, s, si, signature, map, starmap, chunks, AsyncResult, ...
-        state = self._registry._extension._get_state()
+        state: AppTarget = self._registry.source.runtime()
         if name in ("delay", "apply_async"):
             state.ensure_started()  # like submit(): local workers start on first use
         return getattr(state.controller.tasks[self._declaration.name], name)
@@ -115,8 +131,8 @@ def _import_attr(module: str, qualname: str) -> t.Any:
 class TaskRegistry:
     """``celery.task``: a decorator, and the registered tasks by attribute or key."""
 
-    def __init__(self, extension: Celery) -> None:
-        self._extension = extension
+    def __init__(self, source: Source) -> None:
+        self.source = source
         self._declarations: dict[str, Declaration] = {}
         self._proxies: dict[str, TaskProxy] = {}
 
@@ -147,7 +163,7 @@ class TaskRegistry:
         proxy = TaskProxy(self, declaration)
         self._proxies[name] = proxy
         self._proxies.setdefault(func.__name__, proxy)
-        for state in self._extension._states():
+        for state in self.source.runtimes():
             register(state, declaration)
         return proxy
 
@@ -175,7 +191,7 @@ class TaskRegistry:
         return list(self._declarations.values())
 
 
-def register(state: _State, declaration: Declaration) -> None:
+def register(state: AppTarget, declaration: Declaration) -> None:
     """Register one declaration on one app's Celery app (idempotent)."""
     controller = state.controller
     if declaration.name in controller.tasks:
@@ -214,8 +230,9 @@ _CRONTAB_KEYS = frozenset({"minute", "hour", "day_of_week", "day_of_month", "mon
 class ScheduleRegistry:
     """``celery.schedule``: declare a periodic task."""
 
-    def __init__(self, extension: Celery) -> None:
-        self._extension = extension
+    def __init__(self, source: Source, tasks: TaskRegistry) -> None:
+        self._source = source
+        self._tasks = tasks
         self._entries: dict[str, Entry] = {}
 
     def __call__(
@@ -249,7 +266,7 @@ class ScheduleRegistry:
         resolved = _resolve(schedule, crontab)
 
         def decorator(func: F) -> TaskProxy:
-            proxy = func if isinstance(func, TaskProxy) else self._extension.task(func)
+            proxy = func if isinstance(func, TaskProxy) else self._tasks(func)
             entry = Entry(
                 name=name or proxy.name,
                 task=proxy.name,
@@ -259,7 +276,7 @@ class ScheduleRegistry:
                 options=dict(options or {}),
             )
             self._entries[entry.name] = entry
-            for state in self._extension._states():
+            for state in self._source.runtimes():
                 apply_schedule(state, entry)
             return proxy
 
@@ -293,6 +310,6 @@ def _resolve(schedule: t.Any, crontab: dict[str, t.Any]) -> t.Any:
     )
 
 
-def apply_schedule(state: _State, entry: Entry) -> None:
+def apply_schedule(state: AppTarget, entry: Entry) -> None:
     conf = state.controller.conf
     conf.beat_schedule = {**(conf.beat_schedule or {}), entry.name: entry.as_beat()}

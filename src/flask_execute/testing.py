@@ -20,7 +20,7 @@ Fixtures (your test suite provides the ``app`` fixture, as with pytest-flask)::
     ``FLASK_EXECUTE_TEST_BROKER`` points the fixture at an existing broker instead.
 ``flask_execute_worker``
     Starts the local workers of the ``app`` fixture's extension (as configured by
-    ``CELERY_WORKERS``) and stops them after the test; returns the ``_State``.
+    ``CELERY_WORKERS``) and stops them after the test; returns the ``Runtime``.
 ``flask_execute_eager``
     Switches the ``app`` fixture's extension to eager mode for the test.
 """
@@ -36,11 +36,10 @@ import pytest
 
 from .embedded import EmbeddedRedis
 from .processes import free_port
+from .runtime import Runtime
 
 if t.TYPE_CHECKING:
     from flask import Flask
-
-    from .state import _State
 
 __all__ = ["flask_execute_broker", "flask_execute_eager", "flask_execute_worker"]
 
@@ -61,18 +60,18 @@ def flask_execute_broker() -> Iterator[str]:
             server.stop()
 
 
-def _state(app: Flask) -> _State:
+def _state(app: Flask) -> Runtime:
     state = app.extensions.get("celery")
     if state is None:
         raise RuntimeError(
             "The 'app' fixture's app does not use flask-execute: call Celery(app) or"
             " celery.init_app(app) in it."
         )
-    return t.cast("_State", state)
+    return t.cast(Runtime, state)
 
 
 @pytest.fixture
-def flask_execute_worker(app: Flask) -> Iterator[_State]:
+def flask_execute_worker(app: Flask) -> Iterator[Runtime]:
     """Real local workers for the ``app`` fixture, stopped after the test."""
     state = _state(app)
     with app.app_context():
@@ -84,13 +83,12 @@ def flask_execute_worker(app: Flask) -> Iterator[_State]:
 
 
 @pytest.fixture
-def flask_execute_eager(app: Flask) -> Iterator[_State]:
+def flask_execute_eager(app: Flask) -> Iterator[Runtime]:
     """Eager mode for the ``app`` fixture during the test (no process started)."""
     state = _state(app)
-    previous = state.eager, state.controller.conf.task_always_eager
+    previous = state.eager
     state.eager = True
-    state.controller.conf.task_always_eager = True
     try:
         yield state
     finally:
-        state.eager, state.controller.conf.task_always_eager = previous
+        state.eager = previous

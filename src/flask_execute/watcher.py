@@ -30,7 +30,7 @@ from .outcomes import read_state
 from .outcomes import UNREADABLE
 from .outcomes import unreadable
 
-__all__ = ["Handler", "Watcher", "make_watcher"]
+__all__ = ["Deliver", "Watcher", "make_watcher"]
 
 log = logging.getLogger(__name__)
 
@@ -54,20 +54,25 @@ _watchers: weakref.WeakSet[Watcher] = weakref.WeakSet()
 
 
 @atexit.register
-def _stop_all() -> None:
+def stop_all() -> None:
+    """Stop every result watcher of this process (at exit, and in test harnesses)."""
     # Services (maybe the broker itself) stop at exit; a watcher must not complain.
     for watcher in list(_watchers):
         watcher.stop()
 
 
-class Handler(t.Protocol):
-    def _on_meta(self, meta: dict[str, t.Any]) -> None: ...
+#: What receives a state for a task someone here waits on: ``deliver(task id, meta,
+#: handler)``, the handler being whatever was given to :meth:`Watcher.watch` (a future,
+#: a map chunk). It must not raise; if it does, the error is logged.
+Deliver = t.Callable[[str, dict[str, t.Any], t.Any], None]
+Handler = t.Any
 
 
 class Watcher:
     """Tracks pending task ids and feeds their state changes to their handlers."""
 
-    def __init__(self) -> None:
+    def __init__(self, deliver: Deliver) -> None:
+        self._apply = deliver
         self._lock = threading.Lock()
         self._weak: weakref.WeakValueDictionary[str, Handler] = weakref.WeakValueDictionary()
         self._held: dict[str, Handler] = {}
@@ -87,7 +92,7 @@ class Watcher:
         """
         with self._lock:
             self._weak[task_id] = handler
-        self._ensure_running()
+        self.ensure_running()
         if catch_up:
             self._fetch([task_id])
 
@@ -118,11 +123,11 @@ class Watcher:
         if handler is None:
             return
         try:
-            handler._on_meta(meta)
+            self._apply(task_id, meta, handler)
         except Exception:  # a bad meta must not kill the watcher
             log.exception("flask-execute: could not apply the state of task %s", task_id)
 
-    def _ensure_running(self) -> None:
+    def ensure_running(self) -> None:
         raise NotImplementedError  # pragma: no cover
 
     def _fetch(self, task_ids: list[str]) -> None:
@@ -135,8 +140,8 @@ class Watcher:
 class RedisWatcher(Watcher):
     """The Redis implementation: one pattern subscription, one thread."""
 
-    def __init__(self, backend: t.Any, connect_timeout: float = 10.0) -> None:
-        super().__init__()
+    def __init__(self, backend: t.Any, deliver: Deliver, connect_timeout: float = 10.0) -> None:
+        super().__init__(deliver)
         self._backend = backend
         self._connect_timeout = connect_timeout
         prefix = backend.task_keyprefix
@@ -144,7 +149,7 @@ class RedisWatcher(Watcher):
         self._subscribed = threading.Event()
         self._error: BaseException | None = None
 
-    def _ensure_running(self) -> None:
+    def ensure_running(self) -> None:
         if self._thread is None or not self._thread.is_alive():
             with self._lock:
                 if self._thread is None or not self._thread.is_alive():
@@ -235,12 +240,12 @@ class RedisWatcher(Watcher):
 class PollingWatcher(Watcher):
     """Any other result backend: one thread polls every pending task's state."""
 
-    def __init__(self, backend: t.Any) -> None:
-        super().__init__()
+    def __init__(self, backend: t.Any, deliver: Deliver) -> None:
+        super().__init__(deliver)
         self._backend = backend
         self._wake = threading.Event()
 
-    def _ensure_running(self) -> None:
+    def ensure_running(self) -> None:
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
@@ -287,8 +292,9 @@ def _read(task_id: str, data: bytes) -> dict[str, t.Any]:
     return meta
 
 
-def make_watcher(backend: t.Any, connect_timeout: float = 10.0) -> Watcher:
-    """The watcher suited to ``backend`` (a Celery result backend instance)."""
+def make_watcher(backend: t.Any, deliver: Deliver, connect_timeout: float = 10.0) -> Watcher:
+    """The watcher suited to ``backend`` (a Celery result backend instance), handing
+    every state it sees for a task someone here waits on to ``deliver``."""
     if isinstance(backend, RedisBackend):
-        return RedisWatcher(backend, connect_timeout)
-    return PollingWatcher(backend)
+        return RedisWatcher(backend, deliver, connect_timeout)
+    return PollingWatcher(backend, deliver)

@@ -1,0 +1,451 @@
+"""The caller side of one app: prepare a call (sanitize, pickle, seal), publish it,
+run it eagerly, cancel it, explain why it waits, and find it again by id.
+
+``apply``, ``map_apply`` and the executor share one preparation path
+(:meth:`Client.prepare`); the futures it returns are completed from outside, by the
+result watcher (or by :meth:`Client.run_eager`), and reach back here only through the
+narrow :class:`~flask_execute.futures.FutureLink` interface this class implements.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import time
+import typing as t
+import uuid
+import weakref
+from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Mapping
+
+from celery import Task
+from kombu.exceptions import OperationalError
+from kombu.utils.url import maybe_sanitize_url
+from werkzeug.local import LocalProxy
+
+from . import redaction
+from .celery_conf import CeleryApp
+from .claims import Claims
+from .config import Settings
+from .context import eager_run
+from .control import Inspect
+from .envelopes import Codec
+from .errors import BrokerUnavailable
+from .errors import ConfigurationError
+from .errors import RemoteTraceback
+from .errors import ResultExpired
+from .futures import Chunk
+from .futures import Future
+from .futures import FuturePool
+from .message_fields import lineage
+from .options import check_options
+from .outcomes import contained
+from .outcomes import Outcomes
+from .serialization import dump_call
+from .serialization import dump_calls
+from .serialization import function_label
+from .watcher import Watcher
+
+__all__ = ["Client", "Prepared", "safe_url"]
+
+R = t.TypeVar("R")
+Handler: t.TypeAlias = Future[t.Any] | Chunk
+
+
+def safe_url(url: str) -> str:
+    """A broker or backend URL without its password, for messages."""
+    return str(maybe_sanitize_url(url))
+
+
+@dataclasses.dataclass
+class Prepared:
+    """Calls ready to send: one ``(task id, envelope, handler)`` per message, the
+    futures in call order, and how they travel."""
+
+    items: list[tuple[str, str, Handler]]
+    futures: list[Future[t.Any]]
+    label: str
+    options: dict[str, t.Any]
+    task: Task
+
+
+class Client:
+    """Sends the calls of one app and keeps the futures' side of the bargain."""
+
+    def __init__(
+        self,
+        celery_app: CeleryApp,
+        codec: Codec,
+        claims: Claims,
+        outcomes: Outcomes,
+        settings: Settings,
+        watcher: Callable[[], Watcher],
+        start: Callable[[], None],
+        broker_url: str,
+        backend_url: str,
+    ) -> None:
+        self.celery_app = celery_app
+        self.controller = celery_app.controller
+        self.codec = codec
+        self.claims = claims
+        self.outcomes = outcomes
+        self.settings = settings
+        self._watcher = watcher
+        self._start = start
+        self.broker_url = broker_url
+        self.backend_url = backend_url
+        #: run every call inline (CELERY_ALWAYS_EAGER, or the eager test fixture)
+        self.eager = settings.always_eager
+        self.pickling: dict[str, t.Any] = {
+            "models": "requery" if settings.sanitize_arguments else "refuse",
+            "by_value": settings.pickle_by_value,
+        }
+        # eager mode has no result store: get() finds futures still referenced here
+        self.eager_futures: weakref.WeakValueDictionary[str, Future[t.Any]] = (
+            weakref.WeakValueDictionary()
+        )
+
+    # --- submitting ------------------------------------------------------------------
+    def apply(
+        self,
+        func: Callable[..., R],
+        args: Iterable[t.Any],
+        kwargs: Mapping[str, t.Any] | None,
+        options: dict[str, t.Any],
+    ) -> Future[R]:
+        """Send ``func(*args, **kwargs)``; return its future."""
+        if not callable(func):
+            raise TypeError(f"submit() needs a callable; got {func!r}.")
+        prepared = self.prepare(func, [(tuple(args), dict(kwargs or {}))], options, None)
+        self.send(prepared)
+        return t.cast(Future[R], prepared.futures[0])
+
+    def map_apply(
+        self,
+        func: Callable[..., R],
+        calls: Iterable[t.Any],
+        kwargs: Mapping[str, t.Any] | None,
+        chunksize: int | None,
+        options: dict[str, t.Any],
+    ) -> FuturePool[R]:
+        """Send one call per item of ``calls`` (a tuple or list is unpacked, anything
+        else is the single argument), ``kwargs`` for each; return their pool."""
+        if chunksize is not None and (not isinstance(chunksize, int) or chunksize < 1):
+            raise ValueError(f"chunksize must be a positive integer; got {chunksize!r}.")
+        constant = dict(kwargs or {})
+        prepared_calls = [
+            (tuple(call) if isinstance(call, (tuple, list)) else (call,), dict(constant))
+            for call in calls
+        ]
+        prepared = self.prepare(func, prepared_calls, options, chunksize)
+        self.send(prepared)
+        return FuturePool(t.cast(list[Future[R]], prepared.futures))
+
+    def prepare(
+        self,
+        func: Callable[..., t.Any],
+        calls: list[tuple[tuple[t.Any, ...], dict[str, t.Any]]],
+        options: dict[str, t.Any],
+        chunksize: int | None,
+    ) -> Prepared:
+        """Check the options, sanitize, pickle and seal ``calls`` of ``func``: one
+        message per call, or per ``chunksize`` calls.
+
+        :raises SerializationError: an argument cannot be pickled (named).
+        :raises TypeError, ValueError: a Celery option that cannot be used (named).
+        """
+        check_options(options)
+        options = dict(options)
+        task = self.dispatch_for(options)
+        label = function_label(func)
+        queue = options.get("queue")
+        sanitized = [self._sanitize(args, kwargs) for args, kwargs in calls]
+        futures: list[Future[t.Any]] = []
+        items: list[tuple[str, str, Handler]] = []
+        size = chunksize or 1
+        for start in range(0, len(sanitized), size):
+            batch = sanitized[start : start + size]
+            task_id = str(uuid.uuid4())
+            if chunksize is None:
+                payload, by_value = dump_call(func, *batch[0], **self.pickling)
+                envelope = self.seal_call(task_id, payload, by_value, label, options, "call", task)
+                future: Future[t.Any] = Future(task_id, self, name=label, queue=queue)
+                futures.append(future)
+                items.append((task_id, envelope, future))
+            else:
+                payload, by_value = dump_calls(func, batch, **self.pickling)
+                envelope = self.seal_call(task_id, payload, by_value, label, options, "chunk", task)
+                chunk = Chunk(task_id)
+                chunk.members = [
+                    Future(task_id, self, name=label, queue=queue, chunk=chunk) for _ in batch
+                ]
+                futures.extend(chunk.members)
+                items.append((task_id, envelope, chunk))
+        return Prepared(items, futures, label, options, task)
+
+    def send(self, prepared: Prepared) -> None:
+        """Run the prepared calls eagerly, or start local services and publish them."""
+        if self.eager:
+            for task_id, envelope, handler in prepared.items:
+                self.run_eager(handler, task_id, envelope, prepared.task)
+        elif prepared.items:
+            self._start()
+            self.publish(prepared.items, prepared.label, prepared.options, prepared.task)
+
+    def _sanitize(
+        self, args: tuple[t.Any, ...], kwargs: dict[str, t.Any]
+    ) -> tuple[tuple[t.Any, ...], dict[str, t.Any]]:
+        """Resolve Werkzeug ``LocalProxy`` arguments (CELERY_SANITIZE_ARGUMENTS)."""
+        if not self.settings.sanitize_arguments:
+            return args, kwargs
+
+        def resolve(value: t.Any) -> t.Any:
+            if isinstance(value, LocalProxy):
+                return value._get_current_object()
+            return value
+
+        return tuple(resolve(a) for a in args), {k: resolve(v) for k, v in kwargs.items()}
+
+    def seal_call(
+        self,
+        task_id: str,
+        payload: bytes,
+        by_value: bool,
+        label: str,
+        options: Mapping[str, t.Any],
+        kind: str = "call",
+        task: Task | None = None,
+    ) -> str:
+        """The call envelope of ``payload`` for task ``task_id``."""
+        root, parent = lineage(task_id, self.controller.current_worker_task)
+        extra: dict[str, object] = {
+            "fn": label,
+            "task": (task or self.celery_app.dispatch).name,
+            "root": root,
+            "parent": parent,
+        }
+        if kind != "call":
+            extra["k"] = kind
+        return self.codec.seal(
+            "call",
+            task_id,
+            payload,
+            by_value=by_value,
+            not_before=_not_before(options),
+            extra=extra,
+        )
+
+    def publish(
+        self,
+        items: list[tuple[str, str, Handler]],
+        label: str,
+        options: dict[str, t.Any],
+        task: Task | None = None,
+    ) -> None:
+        """Publish envelopes (one producer connection for all of them), watching each
+        task id before its message leaves."""
+        task = task or self.celery_app.dispatch
+        watcher = self.watcher()
+        for task_id, _, handler in items:
+            watcher.watch(task_id, handler)
+        try:
+            parent = self.controller.current_worker_task
+            with self.controller.producer_or_acquire() as producer:
+                for task_id, envelope, _ in items:
+                    root_id, parent_id = lineage(task_id, parent)  # as sealed
+                    task.apply_async(
+                        (envelope,),
+                        task_id=task_id,
+                        root_id=root_id,
+                        parent_id=parent_id,
+                        shadow=label,
+                        argsrepr=f"<{label}>",
+                        kwargsrepr="{}",
+                        producer=producer,
+                        **options,
+                    )
+        except (OperationalError, OSError) as exc:
+            for task_id, _, _ in items:
+                watcher.forget(task_id)
+            raise BrokerUnavailable(
+                f"Cannot reach the Celery broker at {safe_url(self.broker_url)}: {exc}."
+                " Is it running? (CELERY_BROKER_URL)"
+            ) from exc
+
+    def watcher(self) -> Watcher:
+        """The running result watcher.
+
+        :raises BrokerUnavailable: the result backend cannot be reached.
+        """
+        try:
+            watcher = self._watcher()
+            watcher.ensure_running()
+            return watcher
+        except (ConnectionError, OSError) as exc:
+            raise BrokerUnavailable(
+                f"Cannot reach the result backend at {safe_url(self.backend_url)}: {exc}."
+                " Is it running? (CELERY_RESULT_BACKEND)"
+            ) from exc
+
+    def dispatch_for(self, options: dict[str, t.Any]) -> Task:
+        """Pick the dispatch task for these options (``acks_late`` is popped) and refuse
+        what would run an at-least-once task twice by design.
+
+        :raises ConfigurationError: a countdown, ETA or time limit reaches the Redis
+            visibility timeout.
+        """
+        late = options.pop("acks_late", None)
+        if late is None:
+            late = bool(self.controller.conf.task_acks_late)
+        if not late:
+            return self.celery_app.dispatch
+        limit = self.celery_app.visibility_timeout
+        if limit is not None:
+            wait = _not_before(options)
+            ahead = (wait - time.time()) if wait else 0.0
+            run = options.get("time_limit") or self.controller.conf.task_time_limit or 0
+            if ahead + run >= limit:
+                raise ConfigurationError(
+                    f"An at-least-once task starting in {ahead:.0f} s with a time limit of"
+                    f" {run} s would outlive the Redis visibility timeout ({limit} s): Redis"
+                    " would deliver it again while it waits or runs, and it would run twice."
+                    " Raise CELERY_BROKER_TRANSPORT_OPTIONS['visibility_timeout'] or shorten"
+                    " the countdown/ETA/time limit."
+                )
+        return self.celery_app.dispatch_late
+
+    # --- eager -----------------------------------------------------------------------
+    def run_eager(
+        self,
+        handler: Handler,
+        task_id: str,
+        envelope: str,
+        task: Task | None = None,
+    ) -> None:
+        """Run one message inline, through the dispatch task, completing its futures."""
+        members = handler.members if isinstance(handler, Chunk) else [handler]
+        if isinstance(handler, Future):
+            self.eager_futures[task_id] = handler
+
+        def listener(state: str, meta: object) -> None:
+            for member in members:
+                member.set_progress(state, meta)
+
+        with eager_run(listener):
+            for member in members:
+                member.set_progress("STARTED")
+            result = (task or self.celery_app.dispatch).apply(
+                (envelope,), task_id=task_id, throw=False
+            )
+        if result.state == "SUCCESS":
+            meta = {"status": "SUCCESS", "result": redaction.unwrap(result.result)}
+        else:
+            exc = result.result
+            args = list(getattr(exc, "args", ()))
+            meta = {
+                "status": "FAILURE",
+                "result": {
+                    "exc_message": args,
+                    "exc_type": type(exc).__qualname__,
+                    "exc_module": type(exc).__module__,
+                },
+                "traceback": result.traceback,
+            }
+            if not getattr(exc, "flask_execute_carrier", False):
+                failure = contained(exc, result.traceback or "")
+                failure = _with_traceback(failure, result.traceback)
+                for member in members:
+                    member.settle("FAILURE", exc=failure)
+                return
+        self.outcomes.deliver(task_id, meta, handler)
+
+    # --- finding a task again ----------------------------------------------------------
+    def get(self, task_id: str) -> Future[t.Any]:
+        """A future for a task submitted earlier (by any process)."""
+        if self.eager:
+            found = self.eager_futures.get(task_id)
+            if found is None:
+                raise LookupError(
+                    f"No eager task {task_id!r} is known: eager mode (CELERY_ALWAYS_EAGER)"
+                    " keeps no result store, only futures still referenced somewhere."
+                )
+            return found
+        future: Future[t.Any] = Future(task_id, self)
+        self.watcher().watch(task_id, future, catch_up=True)
+        if not future.done() and future.state == "PENDING" and self.claims.claimed(task_id):
+            # it ran (a worker claimed it and would have stored STARTED at least), but
+            # the backend has nothing any more: the result expired
+            future.settle("FAILURE", exc=ResultExpired(task_id))
+        return future
+
+    # --- the futures' link (FutureLink) ------------------------------------------------
+    def cancel(self, future: Future[t.Any], terminate: bool) -> bool:
+        """True when the task will never run (or, with ``terminate``, has been
+        stopped)."""
+        if self.eager:
+            return False
+        if not self.claims.cancel(future.id) and not terminate:
+            return False  # a worker claimed it first: it started
+        self.controller.control.revoke(future.id, terminate=terminate, signal="SIGTERM")
+        return True
+
+    def hold(self, future: Future[t.Any]) -> None:
+        """Keep delivering to ``future`` (its chunk) while only its callbacks need it."""
+        if future.chunk is not None:
+            self._watcher().hold(future.chunk.task_id, future.chunk)
+        elif not self.eager:
+            self._watcher().hold(future.id, future)
+
+    def async_result(self, task_id: str) -> t.Any:
+        return self.controller.AsyncResult(task_id)
+
+    def describe_wait(self, future: Future[t.Any]) -> str:
+        """Why a future is still pending, for its timeout error: which workers answer,
+        and whether any consumes its queue (asks them, for at most 0.3 s)."""
+        if future.state != "PENDING":
+            return ""
+        if future.name is None:  # from celery.get(): we never saw it sent
+            return (
+                " The result backend knows nothing of this task id: it is still queued,"
+                " was never submitted, or its result expired before any worker ran it."
+            )
+        queue = (
+            future.queue or self.celery_app.base_queue or self.controller.conf.task_default_queue
+        )
+        try:
+            replies = Inspect(self.controller).active_queues(timeout=0.3)
+        except Exception as exc:
+            return f" The broker could not be asked which workers run ({exc})."
+        seen = ", ".join(
+            f"{node} [{', '.join(q['name'] for q in queues)}]"
+            for node, queues in sorted(replies.items())
+        )
+        consumers = [
+            node for node, queues in replies.items() if any(q["name"] == queue for q in queues)
+        ]
+        if consumers:
+            return f" Workers consuming {queue!r}: {', '.join(sorted(consumers))} (busy?)."
+        hint = ""
+        if not self.settings.start_local_workers:
+            hint = (
+                " Local workers are off (CELERY_START_LOCAL_WORKERS=False): is a worker"
+                f" running for this app on broker {safe_url(self.broker_url)}?"
+            )
+        return f" No worker consumes queue {queue!r} (workers seen: {seen or 'none'}).{hint}"
+
+
+def _with_traceback(exc: BaseException, tb_text: str | None) -> BaseException:
+    if tb_text and exc.__cause__ is None:
+        exc.__cause__ = RemoteTraceback(tb_text)
+    return exc
+
+
+def _not_before(options: Mapping[str, t.Any]) -> float | None:
+    eta = options.get("eta")
+    if isinstance(eta, datetime.datetime):
+        return eta.timestamp()
+    countdown = options.get("countdown")
+    if isinstance(countdown, (int, float)):
+        return datetime.datetime.now().timestamp() + countdown
+    return None

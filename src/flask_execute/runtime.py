@@ -1,0 +1,273 @@
+"""The runtime of one Flask app: wires its settings, codec, Celery app, claims, client,
+result watcher and local services together, once, at ``init_app``.
+
+Nothing here sends, receives or decides anything itself: :mod:`~flask_execute.client`
+sends calls, :mod:`~flask_execute.dispatch` runs them on workers,
+:mod:`~flask_execute.watcher` and :mod:`~flask_execute.outcomes` bring outcomes back to
+the futures, :mod:`~flask_execute.local` runs the local services. Each part gets the
+narrow things it needs from here.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+import threading
+import time
+import typing as t
+from collections.abc import Mapping
+
+import celery as celery_module
+import cloudpickle
+from celery import Task
+from flask import Flask
+from kombu.exceptions import OperationalError
+
+from . import celery_conf
+from . import config as config_module
+from . import redaction
+from . import rundir
+from ._boot import locate
+from .claims import Claims
+from .client import Client
+from .client import safe_url
+from .dispatch import Worker
+from .envelopes import Codec
+from .errors import BrokerUnavailable
+from .keys import signing_keys
+from .local import CHILD_ENV
+from .local import EmbeddedRedis
+from .local import LocalServices
+from .local import redis_answers
+from .outcomes import Outcomes
+from .watcher import make_watcher
+from .watcher import Watcher
+
+__all__ = ["Runtime"]
+
+log = logging.getLogger(__name__)
+
+
+class Runtime:
+    """Everything flask-execute keeps for one app."""
+
+    def __init__(self, app: Flask, base_task: type[Task] | None, extension: t.Any) -> None:
+        self.app = app
+        self.base_task = base_task
+        #: the ``Celery`` extension serving this app
+        self.extension = extension
+        self.settings = config_module.load(app.config)
+        redaction.install()  # Celery logs no envelope in this process (worker or not)
+        translated = celery_conf.celery_settings(app.config)
+        self.is_child = bool(os.environ.get(CHILD_ENV))
+        self.embedded_broker: EmbeddedRedis | None = None
+        self.broker_url, self.backend_url = self._urls()
+        self.codec = Codec(
+            *signing_keys(app, self.settings, lambda: self.runtime_dir),
+            max_size=self.settings.max_message_size,
+            encrypt=self.settings.encrypt,
+        )
+        self.outcomes = Outcomes(self.codec)
+        self.locator = locate(app)
+        self.celery_app = celery_conf.build(
+            app,
+            self.settings,
+            translated,
+            self.broker_url,
+            self.backend_url,
+            base_task,
+            lambda: self.worker,
+        )
+        self.controller: celery_module.Celery = self.celery_app.controller
+        # the result backend seals failures with this runtime's codec (backend.py)
+        self.controller.flask_execute = self
+        self.claims = Claims(
+            self.controller, int(self.codec.max_age) + 60, self.settings.max_deliveries
+        )
+        self.worker = Worker(self.codec, self.claims, self.settings.max_deliveries)
+        self._watcher: Watcher | None = None
+        self._watcher_lock = threading.Lock()
+        self.client = Client(
+            self.celery_app,
+            self.codec,
+            self.claims,
+            self.outcomes,
+            self.settings,
+            lambda: self.watcher,
+            self.ensure_started,
+            self.broker_url,
+            self.backend_url,
+        )
+        self.services = LocalServices(self)
+        self._started = False
+        self._start_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        broker = safe_url(self.broker_url)  # never the password
+        return f"<flask-execute state of {self.app.import_name!r} broker={broker!r}>"
+
+    @property
+    def eager(self) -> bool:
+        """Whether calls run inline (``CELERY_ALWAYS_EAGER``, or the eager fixture)."""
+        return self.client.eager
+
+    @eager.setter
+    def eager(self, value: bool) -> None:
+        self.client.eager = value
+        self.controller.conf.task_always_eager = value  # registered tasks' delay()
+
+    @property
+    def dispatch(self) -> Task:
+        return self.celery_app.dispatch
+
+    @property
+    def dispatch_late(self) -> Task:
+        return self.celery_app.dispatch_late
+
+    @property
+    def base_queue(self) -> str | None:
+        return self.celery_app.base_queue
+
+    @functools.cached_property
+    def runtime_dir(self) -> str:
+        """This app's private directory (:mod:`.rundir`), created and verified on first
+        use: only the development key and the local services need one, so a
+        production web process never touches the disk for it."""
+        return rundir.runtime_dir(f"{self.app.instance_path}|{self.app.import_name}")
+
+    # --- configuration -------------------------------------------------------------
+    def _urls(self) -> tuple[str, str]:
+        s = self.settings
+        broker = s.broker_url
+        if broker is None:
+            local = s.start_local_workers and not s.always_eager and s.embedded_broker
+            if local and not self.is_child and not redis_answers():
+                self.embedded_broker = EmbeddedRedis(
+                    os.path.join(self.runtime_dir, "redis"),
+                    unix_socket=os.path.join(self.runtime_dir, "redis.sock"),
+                    log_path=os.path.join(s.log_dir or os.getcwd(), "redis.log"),
+                )
+                broker = self.embedded_broker.url
+            else:
+                broker = config_module.DEFAULT_BROKER_URL
+        backend = s.result_backend
+        if backend is None:
+            backend = broker if broker.startswith(("redis", "rediss")) else "rpc://"
+        return broker, backend
+
+    @property
+    def watcher(self) -> Watcher:
+        """The result watcher of this app in this process (created on first use)."""
+        if self._watcher is None:
+            with self._watcher_lock:
+                if self._watcher is None:
+                    self._watcher = make_watcher(
+                        self.controller.backend,
+                        self.outcomes.deliver,
+                        self.settings.broker_timeout,
+                    )
+        return self._watcher
+
+    def boot_content(self) -> dict[str, object]:
+        """What a local worker needs to rebuild this app (written to private files)."""
+        snapshot: dict[str, object] = {}
+        for key, value in self.app.config.items():
+            try:
+                cloudpickle.dumps(value)
+            except Exception:
+                log.debug("flask-execute: config key %s is not picklable; not pinned", key)
+                continue
+            snapshot[key] = value
+        snapshot["CELERY_BROKER_URL"] = self.broker_url
+        snapshot["CELERY_RESULT_BACKEND"] = self.backend_url
+        snapshot["CELERY_SIGNING_KEY"] = self.codec_keys[0]
+        snapshot["CELERY_SIGNING_KEY_FALLBACKS"] = self.codec_keys[1]
+        return {
+            "locator": self.locator,
+            "config": snapshot,
+            "sys_path": [p or os.getcwd() for p in sys.path],
+            "import_name": self.app.import_name,
+            "root_path": self.app.root_path,
+            "instance_path": self.app.instance_path,
+            "base_task": self.base_task,
+        }
+
+    @property
+    def codec_keys(self) -> tuple[bytes, list[bytes]]:
+        return signing_keys(self.app, self.settings, lambda: self.runtime_dir)
+
+    # --- local services -------------------------------------------------------------
+    def worker_options(self, name: str, local: bool = True) -> dict[str, object]:
+        """The `celery worker` options of one configured worker, with our defaults."""
+        options = dict(self.settings.workers[name])
+        if local:
+            # mingle only syncs revokes between workers at boot (we keep cancels in the
+            # result backend); skipping it saves a second of start-up
+            options = {"without_mingle": True, **options}
+        if "queues" not in options and self.base_queue:
+            # a base_task with `queue = ...` routes every task there: consume it too
+            default = self.controller.conf.task_default_queue
+            options["queues"] = list(dict.fromkeys([default, self.base_queue]))
+        return options
+
+    def has_schedule(self) -> bool:
+        """Does beat have anything to run for this app?"""
+        return bool(self.controller.conf.beat_schedule)
+
+    def ensure_started(self) -> None:
+        """Start local services on first use, once, unless disabled."""
+        if self._started:
+            return
+        with self._start_lock:
+            if self._started:
+                return
+            if self.settings.start_local_workers and not self.eager and not self.is_child:
+                self.services.start()
+            self._started = True
+
+    def start(self) -> None:
+        """Start the local services now (``celery.start()``)."""
+        if self.is_child or self.eager:
+            return
+        with self._start_lock:
+            self.services.start()
+            self._started = True
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._start_lock:
+            self.services.stop(timeout)
+            self._started = False
+
+    # --- operating ---------------------------------------------------------------------
+    def ping(self, timeout: float = 1.0, limit: int | None = None) -> dict[str, str]:
+        replies = self.controller.control.broadcast(
+            "ping", reply=True, timeout=timeout, limit=limit
+        )
+        out: dict[str, str] = {}
+        for reply in replies or ():
+            for name, answer in reply.items():
+                ok = isinstance(answer, Mapping) and answer.get("ok") == "pong"
+                out[name] = "OK" if ok else str(answer)
+        return out
+
+    def status(self, timeout: float = 1.0) -> dict[str, str]:
+        """``{"name@host": "OK"}`` for every worker answering a broadcast ping; returns
+        as soon as every expected local worker answered, else after ``timeout``."""
+        expected = set(self.services.expected_nodes()) if self.services.running else set()
+        deadline = time.monotonic() + timeout
+        seen: dict[str, str] = {}
+        try:
+            while True:
+                # A worker that just started may miss one broadcast (its pidbox
+                # subscription is asynchronous): ask again until all answered.
+                left = deadline - time.monotonic()
+                wait = min(left, 0.3) if expected else left
+                seen.update(self.ping(timeout=max(wait, 0.01), limit=len(expected) or None))
+                if not expected or expected <= set(seen) or time.monotonic() >= deadline:
+                    return seen
+        except (OperationalError, OSError) as exc:
+            raise BrokerUnavailable(
+                f"Cannot reach the Celery broker at {safe_url(self.broker_url)}: {exc}."
+            ) from exc
