@@ -53,7 +53,7 @@ def __getattr__(name: str) -> t.Any:
     # `celery -A flask_execute.celery worker`: the Celery app of the Flask app found
     # through FLASK_APP (factories included) or a boot file written by the web process.
     if name == "celery":
-        from ._boot import celery_app
+        from .boot import celery_app
 
         return celery_app()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

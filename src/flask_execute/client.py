@@ -3,8 +3,9 @@ run it eagerly, cancel it, explain why it waits, and find it again by id.
 
 ``apply``, ``map_apply`` and the executor share one preparation path
 (:meth:`Client.prepare`); the futures it returns are completed from outside, by the
-result watcher (or by :meth:`Client.run_eager`), and reach back here only through the
-narrow :class:`~flask_execute.futures.FutureLink` interface this class implements.
+result watcher (or by an eager run, :mod:`flask_execute.eager`), and reach back here
+only through the narrow :class:`~flask_execute.futures.FutureLink` interface this
+class implements.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import datetime
 import time
 import typing as t
 import uuid
-import weakref
 from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Mapping
@@ -24,23 +24,20 @@ from kombu.exceptions import OperationalError
 from kombu.utils.url import maybe_sanitize_url
 from werkzeug.local import LocalProxy
 
-from . import redaction
 from .celery_conf import CeleryApp
 from .claims import Claims
 from .config import Settings
-from .context import eager_run
 from .control import Inspect
+from .eager import EagerRuns
 from .envelopes import Codec
 from .errors import BrokerUnavailable
 from .errors import ConfigurationError
-from .errors import RemoteTraceback
 from .errors import ResultExpired
 from .futures import Chunk
 from .futures import Future
 from .futures import FuturePool
 from .message_fields import lineage
 from .options import check_options
-from .outcomes import contained
 from .outcomes import Outcomes
 from .serialization import dump_call
 from .serialization import dump_calls
@@ -101,10 +98,7 @@ class Client:
             "models": "requery" if settings.sanitize_arguments else "refuse",
             "by_value": settings.pickle_by_value,
         }
-        # eager mode has no result store: get() finds futures still referenced here
-        self.eager_futures: weakref.WeakValueDictionary[str, Future[t.Any]] = (
-            weakref.WeakValueDictionary()
-        )
+        self.eager_runs = EagerRuns(outcomes)
 
     # --- submitting ------------------------------------------------------------------
     def apply(
@@ -188,7 +182,7 @@ class Client:
         """Run the prepared calls eagerly, or start local services and publish them."""
         if self.eager:
             for task_id, envelope, handler in prepared.items:
-                self.run_eager(handler, task_id, envelope, prepared.task)
+                self.eager_runs.run(handler, task_id, envelope, prepared.task)
         elif prepared.items:
             self._start()
             self.publish(prepared.items, prepared.label, prepared.options, prepared.task)
@@ -315,62 +309,11 @@ class Client:
                 )
         return self.celery_app.dispatch_late
 
-    # --- eager -----------------------------------------------------------------------
-    def run_eager(
-        self,
-        handler: Handler,
-        task_id: str,
-        envelope: str,
-        task: Task | None = None,
-    ) -> None:
-        """Run one message inline, through the dispatch task, completing its futures."""
-        members = handler.members if isinstance(handler, Chunk) else [handler]
-        if isinstance(handler, Future):
-            self.eager_futures[task_id] = handler
-
-        def listener(state: str, meta: object) -> None:
-            for member in members:
-                member.set_progress(state, meta)
-
-        with eager_run(listener):
-            for member in members:
-                member.set_progress("STARTED")
-            result = (task or self.celery_app.dispatch).apply(
-                (envelope,), task_id=task_id, throw=False
-            )
-        if result.state == "SUCCESS":
-            meta = {"status": "SUCCESS", "result": redaction.unwrap(result.result)}
-        else:
-            exc = result.result
-            args = list(getattr(exc, "args", ()))
-            meta = {
-                "status": "FAILURE",
-                "result": {
-                    "exc_message": args,
-                    "exc_type": type(exc).__qualname__,
-                    "exc_module": type(exc).__module__,
-                },
-                "traceback": result.traceback,
-            }
-            if not getattr(exc, "flask_execute_carrier", False):
-                failure = contained(exc, result.traceback or "")
-                failure = _with_traceback(failure, result.traceback)
-                for member in members:
-                    member.settle("FAILURE", exc=failure)
-                return
-        self.outcomes.deliver(task_id, meta, handler)
-
     # --- finding a task again ----------------------------------------------------------
     def get(self, task_id: str) -> Future[t.Any]:
         """A future for a task submitted earlier (by any process)."""
         if self.eager:
-            found = self.eager_futures.get(task_id)
-            if found is None:
-                raise LookupError(
-                    f"No eager task {task_id!r} is known: eager mode (CELERY_ALWAYS_EAGER)"
-                    " keeps no result store, only futures still referenced somewhere."
-                )
-            return found
+            return self.eager_runs.get(task_id)
         future: Future[t.Any] = Future(task_id, self)
         self.watcher().watch(task_id, future, catch_up=True)
         if not future.done() and future.state == "PENDING" and self.claims.claimed(task_id):
@@ -433,12 +376,6 @@ class Client:
                 f" running for this app on broker {safe_url(self.broker_url)}?"
             )
         return f" No worker consumes queue {queue!r} (workers seen: {seen or 'none'}).{hint}"
-
-
-def _with_traceback(exc: BaseException, tb_text: str | None) -> BaseException:
-    if tb_text and exc.__cause__ is None:
-        exc.__cause__ = RemoteTraceback(tb_text)
-    return exc
 
 
 def _not_before(options: Mapping[str, t.Any]) -> float | None:

@@ -29,7 +29,6 @@ from . import celery_conf
 from . import config as config_module
 from . import redaction
 from . import rundir
-from ._boot import locate
 from .claims import Claims
 from .client import Client
 from .client import safe_url
@@ -41,6 +40,7 @@ from .local import CHILD_ENV
 from .local import EmbeddedRedis
 from .local import LocalServices
 from .local import redis_answers
+from .locator import locate
 from .outcomes import Outcomes
 from .watcher import make_watcher
 from .watcher import Watcher

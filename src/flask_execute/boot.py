@@ -1,9 +1,8 @@
-"""How a worker process finds (builds) the same Flask app as the process that started it.
+"""The worker's entry point (``flask_execute.celery``): build the same Flask app as the
+process that started it, and report readiness to it.
 
-At ``init_app`` we record a *locator* for the app: the module attribute holding it, the
-factory function that built it (found on the call stack), a script file run as
-``python app.py``, or — for apps built anywhere else (a test body, a notebook) — a bare
-app of the same name. At start-up the web process writes a private, signed boot file
+At ``init_app`` the web process recorded a *locator* for the app
+(:mod:`flask_execute.locator`). At start-up it writes a private, signed boot file
 (:mod:`.bootfile`) with the locator, its ``sys.path`` and a snapshot of the app's
 effective config; the worker verifies it, then rebuilds the app through the locator
 while that snapshot is *pinned* (config writes of the factory to those keys are
@@ -17,7 +16,6 @@ found like ``flask`` finds it: ``FLASK_APP`` or ``app.py`` / ``wsgi.py``.
 from __future__ import annotations
 
 import contextlib
-import dis
 import importlib
 import importlib.util
 import logging
@@ -26,7 +24,6 @@ import signal
 import sys
 import threading
 import time
-import types
 import typing as t
 from collections.abc import Iterator
 
@@ -38,64 +35,13 @@ from .local import BOOT_ENV
 from .local import BOOT_KEY_ENV
 from .local import CHILD_ENV
 from .local import LIFELINE_FD_ENV
+from .plugin import Celery
 from .processes import READY_FD_ENV
 
-__all__ = ["celery_app", "locate"]
+__all__ = ["build", "celery_app"]
 
 log = logging.getLogger(__name__)
-Locator = tuple[t.Any, ...]
 _PARENT_GRACE = 10.0
-
-
-def locate(app: Flask) -> Locator:
-    """Find how to rebuild ``app`` in another process. Called from ``init_app``."""
-    module = sys.modules.get(app.import_name)
-    if module is not None:
-        for attr, value in vars(module).items():
-            if value is app:
-                return _from_module(module, attr, factory=False)
-    frame = sys._getframe(1)
-    while frame is not None:
-        name = frame.f_globals.get("__name__", "")
-        if not name.startswith("flask_execute"):
-            if frame.f_code.co_name == "<module>" and name in sys.modules:
-                for attr, value in frame.f_globals.items():
-                    if value is app:
-                        return _from_module(sys.modules[name], attr, factory=False)
-            func = frame.f_globals.get(frame.f_code.co_name)
-            if getattr(func, "__code__", None) is frame.f_code and _returns_local_app(frame, app):
-                mod = sys.modules.get(name)
-                if mod is not None:
-                    return _from_module(mod, frame.f_code.co_name, factory=True)
-        frame = frame.f_back  # type: ignore[assignment]
-    return ("bare",)
-
-
-def _returns_local_app(frame: types.FrameType, app: Flask) -> bool:
-    """Does the function of ``frame`` end by returning the local that holds ``app``?"""
-    names = {n for n, v in frame.f_locals.items() if v is app}
-    if not names or frame.f_code.co_flags & (0x20 | 0x80 | 0x200):  # generators, coroutines
-        return False
-    previous = None
-    for ins in dis.get_instructions(frame.f_code):
-        if (
-            ins.opname == "RETURN_VALUE"
-            and previous is not None
-            and previous.opname.startswith("LOAD_FAST")
-            and previous.argval in names
-        ):
-            return True
-        previous = ins
-    return False
-
-
-def _from_module(module: types.ModuleType, attr: str, *, factory: bool) -> Locator:
-    if module.__name__ == "__main__":
-        path = getattr(module, "__file__", None)
-        if not path:
-            return ("bare",)
-        return ("file", os.path.abspath(path), attr, factory)
-    return ("module", module.__name__, attr, factory)
 
 
 # --- config pinning ------------------------------------------------------------------
@@ -161,8 +107,6 @@ def build(boot: dict[str, t.Any]) -> Flask:
             obj = getattr(module, attr)
         else:
             factory = False
-            from .plugin import Celery
-
             obj = Flask(
                 boot["import_name"],
                 root_path=boot["root_path"],
