@@ -194,7 +194,7 @@ _session_groups: set[int] = set()
 
 def keep_alive(app: object) -> None:
     """Let the local services of ``app`` outlive the current test (module fixtures)."""
-    state = app.extensions["celery"]  # type: ignore[attr-defined]
+    state = app.extensions["celery"].runtime(app)  # type: ignore[attr-defined]
     _session_groups.update(child.pid for child in state.services.children)
 
 
@@ -239,7 +239,7 @@ def _describe(pids: set[int]) -> list[str]:
 def _started(celery: object, app: object) -> Iterator[object]:
     with app.app_context():  # type: ignore[attr-defined]
         celery.start()  # type: ignore[attr-defined]
-        state = app.extensions["celery"]  # type: ignore[attr-defined]
+        state = app.extensions["celery"].runtime(app)  # type: ignore[attr-defined]
         groups = {child.pid for child in state.services.children}
     _session_groups.update(groups)
     try:

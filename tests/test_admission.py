@@ -760,7 +760,7 @@ def _controller(**config: object) -> object:
     )
     app.config.update(config)
     Celery(app)
-    return app.extensions["celery"].controller
+    return app.extensions["celery"].runtime(app).controller
 
 
 @pytest.mark.parametrize(

@@ -319,7 +319,7 @@ def test_eager_calls_map_chunks_and_errors_round_trip() -> None:
     app.config.update(SECRET_KEY="eager secret", CELERY_ALWAYS_EAGER=True, CELERY_ENCRYPT=True)
     celery = Celery(app)
     with app.app_context():
-        assert app.extensions["celery"].codec.encrypts
+        assert app.extensions["celery"].runtime(app).codec.encrypts
         assert celery.submit(reveal, "a").result() == {"echo": "a"}
         assert celery.map(reveal, ["b"], ["c"], chunksize=2).result() == [
             {"echo": "b"},

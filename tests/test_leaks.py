@@ -207,7 +207,7 @@ def test_no_value_in_worker_log_inspect_events_or_web_log(
     app, celery, fn = leaky_app("leaky", broker_url, log_dir, tmp_modules)
     worker_log = os.path.join(log_dir, "leaky.log")
     gate = str(tmp_path / "gate")
-    events = EventLog(app.extensions["celery"].controller)
+    events = EventLog(app.extensions["celery"].runtime(app).controller)
     replies: dict[str, object] = {}
     try:
         with app.app_context():
@@ -395,7 +395,7 @@ def test_flower_asks_for_the_configured_login_and_shows_no_value(broker_url, log
     try:
         with app.app_context():
             celery.start()
-            url = app.extensions["celery"].services.flower_url
+            url = app.extensions["celery"].runtime(app).services.flower_url
             wait_for_flower(url, login, probe(celery, fn.echo))
             ok = celery.submit(fn.echo, secret)
             failed = celery.submit(fn.fail, secret)
@@ -459,7 +459,7 @@ def test_flower_generated_login_is_logged_once_and_only_flower_sees_it(broker_ur
     try:
         with app.app_context():
             celery.start()
-            services = app.extensions["celery"].services
+            services = app.extensions["celery"].runtime(app).services
 
             def announced() -> list[logging.LogRecord]:
                 return [r for r in caplog.records if "Flower is up at" in r.getMessage()]
@@ -518,7 +518,7 @@ def test_log_files_are_private(monkeypatch, tmp_path):
     try:
         with app.app_context():
             celery.start()
-            names = sorted(child.name for child in app.extensions["celery"].services.children)
+            names = sorted(child.name for child in celery.runtime(app).services.children)
             assert names == ["beat", "flower", "own", "private"]
             assert celery.submit(tasks.add, 1, 2).result(timeout=20) == 3
     finally:

@@ -46,7 +46,7 @@ def make_app(broker_url, log_dir, **config):
 
 
 def worker_mains(app):
-    return [c.pid for c in app.extensions["celery"].services.children]
+    return [c.pid for c in app.extensions["celery"].runtime(app).services.children]
 
 
 def test_concurrent_first_submits_start_one_set(broker_url, log_dir):
@@ -158,7 +158,7 @@ def test_embedded_broker_when_nothing_listens(monkeypatch, log_dir, tmp_path):
     app = Flask("embedded_test_app", instance_path=str(tmp_path / "instance"))
     app.config.update(CELERY_LOG_DIR=log_dir, CELERY_WORKERS=["embedded"], CELERY_FLOWER=False)
     celery = Celery(app)
-    state = app.extensions["celery"]
+    state = app.extensions["celery"].runtime(app)
     assert state.broker_url.startswith("redis+socket://")
     try:
         assert celery.submit(tasks.add, 20, 22).result(timeout=20) == 42

@@ -97,6 +97,6 @@ def test_the_state_never_shows_the_broker_password() -> None:
         CELERY_ALWAYS_EAGER=True, CELERY_BROKER_URL="redis://:hunter2-secret@broker.example:6379/0"
     )
     Celery(app)
-    text = repr(app.extensions["celery"])
+    text = repr(app.extensions["celery"].runtime(app))
     assert "hunter2-secret" not in text
     assert "broker.example:6379/0" in text

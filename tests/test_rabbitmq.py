@@ -57,7 +57,7 @@ def rabbit(redis_url, log_dir):
             yield app, celery
         finally:
             celery.stop()
-            with app.extensions["celery"].controller.connection_for_write() as conn:
+            with app.extensions["celery"].runtime(app).controller.connection_for_write() as conn:
                 channel = conn.default_channel
                 channel.queue_delete(queue)
                 channel.queue_delete(f"{queue}-high")
@@ -130,7 +130,7 @@ def test_worker_killed_at_least_once_completes_after_restart(rabbit, tmp_path):
     while not future.running():
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    (child,) = app.extensions["celery"].services.children
+    (child,) = app.extensions["celery"].runtime(app).services.children
     os.kill(child.pid, signal.SIGKILL)  # RabbitMQ requeues on the lost connection
     child.process.wait(10)
     celery.stop()
@@ -151,7 +151,7 @@ def _publish_raw(app, task_id, body, **headers):
 
     from flask_execute.dispatch import DISPATCH
 
-    controller = app.extensions["celery"].controller
+    controller = app.extensions["celery"].runtime(app).controller
     message = controller.amqp.as_task_v2(task_id, DISPATCH, args=("fe1.a.b.c",))
     with Connection(AMQP_URL) as conn:
         Producer(conn.default_channel).publish(
@@ -174,7 +174,7 @@ def test_a_broken_or_compressed_message_is_refused(rabbit, log_dir, attack):
     from tests.test_security import wait_for
 
     app, celery = rabbit
-    (worker,) = app.extensions["celery"].services.children
+    (worker,) = app.extensions["celery"].runtime(app).services.children
     log = os.path.join(log_dir, "rabbit.log")
     task_id = str(uuid.uuid4())
     before, offset = peaks(worker.pid), size(log)

@@ -46,7 +46,7 @@ def test_direct_registration(registered):
         (names,) = registered.celery.inspect.registered().values()
         assert {"tests.apps.registered.mul", "custom.name", "flask_execute.dispatch"} <= set(names)
         # the base task is honoured by submitted and registered tasks alike
-        state = registered.app.extensions["celery"]
+        state = registered.app.extensions["celery"].runtime(registered.app)
         assert isinstance(state.dispatch, registered.BaseTask)
         assert isinstance(registered.mul.task, registered.BaseTask)
         assert registered.celery.submit(registered.mul, 3, 3).result(timeout=10) == 9
@@ -67,7 +67,7 @@ def test_factory_registration_before_and_after_init_app(broker_url):
     def after(x):
         return x * 2
 
-    state = app.extensions["celery"]
+    state = app.extensions["celery"].runtime(app)
     assert "tests.test_registry.before" not in state.controller.tasks  # a local function
     assert f"{__name__}.test_factory_registration_before_and_after_init_app.<locals>.before" in (
         state.controller.tasks
@@ -94,9 +94,9 @@ def test_one_instance_two_apps_both_know_the_tasks(broker_url):
         celery.init_app(app)
         apps.append(app)
     for app in apps:
-        assert shared.name in app.extensions["celery"].controller.tasks
+        assert shared.name in app.extensions["celery"].runtime(app).controller.tasks
         with app.app_context():
-            assert celery.task.shared.task.app is app.extensions["celery"].controller
+            assert celery.task.shared.task.app is app.extensions["celery"].runtime(app).controller
 
 
 def test_schedule_forms_and_merge(broker_url):
@@ -125,7 +125,7 @@ def test_schedule_forms_and_merge(broker_url):
         CELERYBEAT_SCHEDULE={"from-config": {"task": "x.y", "schedule": 10.0}},
     )
     celery.init_app(app)
-    schedule = app.extensions["celery"].controller.conf.beat_schedule
+    schedule = app.extensions["celery"].runtime(app).controller.conf.beat_schedule
     prefix = f"{__name__}.test_schedule_forms_and_merge.<locals>."
     assert schedule["from-config"] == {"task": "x.y", "schedule": 10.0}
     assert schedule[prefix + "every_30"] == {
@@ -156,7 +156,10 @@ def test_solar_schedule():
     app.config.update(SECRET_KEY="s", CELERY_ALWAYS_EAGER=True)
     celery.init_app(app)
     assert isinstance(
-        app.extensions["celery"].controller.conf.beat_schedule["solar-task"]["schedule"], solar
+        app.extensions["celery"]
+        .runtime(app)
+        .controller.conf.beat_schedule["solar-task"]["schedule"],
+        solar,
     )
 
 
@@ -220,7 +223,7 @@ def test_flower_starts_and_stops(broker_url, log_dir):
     celery = Celery(app)
     try:
         celery.start()
-        services = app.extensions["celery"].services
+        services = app.extensions["celery"].runtime(app).services
         assert services.flower_url == f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 30
         while True:

@@ -181,7 +181,7 @@ def test_worker_killed_midway_through_a_map(broker_url, log_dir, tmp_path):
         while sum(f.done() for f in pool) < 50:
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        (child,) = app.extensions["celery"].services.children
+        (child,) = app.extensions["celery"].runtime(app).services.children
         os.kill(child.pid, signal.SIGKILL)  # the worker main process, mid-map
         child.process.wait(10)
         celery.stop()
@@ -252,7 +252,7 @@ def test_memory_flat_after_many_completed_futures(direct_app):
                     return int(line.split()[1])
         return 0
 
-    state = direct_app.extensions["celery"]
+    state = direct_app.extensions["celery"].runtime(direct_app)
     with direct_app.app_context():
 
         def batch():

@@ -129,7 +129,7 @@ def assert_private(path: str) -> None:
 def test_runtime_dir_is_private_at_every_level(machine):
     app = machine.app()
     Celery(app)  # no SECRET_KEY: the development key file is created
-    state = app.extensions["celery"]
+    state = app.extensions["celery"].runtime(app)
     top = machine.run / "flask-execute"
     assert state.runtime_dir == str(top / machine.digest)
     for path in (top, top / machine.digest):
@@ -143,7 +143,9 @@ def test_without_xdg_runtime_dir_the_home_cache_is_used(machine, monkeypatch):
     app = machine.app()
     Celery(app)
     cache = machine.home / ".cache"
-    assert app.extensions["celery"].runtime_dir == str(cache / "flask-execute" / machine.digest)
+    assert app.extensions["celery"].runtime(app).runtime_dir == str(
+        cache / "flask-execute" / machine.digest
+    )
     for path in (cache, cache / "flask-execute", cache / "flask-execute" / machine.digest):
         assert_private(str(path))
 
@@ -185,7 +187,7 @@ def test_the_reported_shared_tmp_attack_does_not_reach_the_app(machine, monkeypa
     attacker_file(machine.shared / machine.digest / "signing.key", ATTACKER_KEY)
     app = machine.app()
     Celery(app)
-    state = app.extensions["celery"]
+    state = app.extensions["celery"].runtime(app)
     assert state.codec.kid != key_id(ATTACKER_KEY)
     assert state.runtime_dir == str(machine.run / "flask-execute" / machine.digest)
 
@@ -234,7 +236,7 @@ def test_planted_runtime_directory_is_refused(machine, level, plant):
     # the fix the message gives works
     (os.unlink if plant == "symlink" else os.rmdir)(path)
     Celery(app)
-    assert app.extensions["celery"].codec.kid != key_id(ATTACKER_KEY)
+    assert app.extensions["celery"].runtime(app).codec.kid != key_id(ATTACKER_KEY)
 
 
 def _cache_plants() -> dict[str, Callable[[Machine], tuple[Path, str]]]:
@@ -298,7 +300,7 @@ def test_unsafe_xdg_runtime_dir_is_not_used(machine, monkeypatch, caplog, plant)
     app = machine.app()
     with caplog.at_level(logging.WARNING, logger="flask_execute.rundir"):
         Celery(app)
-    state = app.extensions["celery"]
+    state = app.extensions["celery"].runtime(app)
     assert state.codec.kid != key_id(ATTACKER_KEY)
     assert state.runtime_dir == str(machine.home / ".cache" / "flask-execute" / machine.digest)
     assert [r.getMessage() for r in caplog.records] == [
@@ -348,7 +350,7 @@ def test_planted_signing_key_is_refused(machine, plant):
 def test_planted_lock_file_is_refused(machine, plant, log_dir):
     app = machine.app(SECRET_KEY="a key of our own", CELERY_LOG_DIR=log_dir)
     celery = Celery(app)
-    state = app.extensions["celery"]
+    state = app.extensions["celery"].runtime(app)
     nodes = "|".join([state.broker_url, *sorted(state.services.expected_nodes())])
     path = (
         Path(state.runtime_dir) / f"services-{hashlib.sha256(nodes.encode()).hexdigest()[:12]}.lock"
@@ -495,7 +497,7 @@ def test_local_workers_and_embedded_redis_live_in_the_home_cache(machine, monkey
     app = Flask("rundir_app", instance_path=machine.instance)
     app.config.update(CELERY_LOG_DIR=log_dir, CELERY_WORKERS=["rundir-home"], CELERY_FLOWER=False)
     celery = Celery(app)
-    state = app.extensions["celery"]
+    state = app.extensions["celery"].runtime(app)
     private = machine.home / ".cache" / "flask-execute" / machine.digest
     socket_path = str(private / "redis.sock")
     assert state.runtime_dir == str(private)
@@ -528,7 +530,7 @@ def test_too_long_socket_path_fails_clearly(machine, monkeypatch, log_dir):
     app = Flask("rundir_app", instance_path=machine.instance)
     app.config.update(CELERY_LOG_DIR=log_dir, CELERY_WORKERS=["rundir-long"], CELERY_FLOWER=False)
     celery = Celery(app)
-    socket_path = os.path.join(app.extensions["celery"].runtime_dir, "redis.sock")
+    socket_path = os.path.join(app.extensions["celery"].runtime(app).runtime_dir, "redis.sock")
     before = descendants()
     with app.app_context():
         try:

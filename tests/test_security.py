@@ -118,7 +118,7 @@ class Target:
     def __init__(self, app: Flask, celery: Celery, client: redis.Redis, log: str) -> None:
         self.app = app
         self.celery = celery
-        self.state = app.extensions["celery"]
+        self.state = app.extensions["celery"].runtime(app)
         self.client = client
         self.log = log
         self.injected: list[str] = []  # delivery tags
@@ -738,7 +738,7 @@ def test_sec16_unsafe_switch_allows_pickle_with_a_warning(caplog):
     )
     with caplog.at_level("WARNING", logger="flask_execute.security"):
         Celery(app)
-    conf = app.extensions["celery"].controller.conf
+    conf = app.extensions["celery"].runtime(app).controller.conf
     assert conf.accept_content == ["json", "pickle"]
     assert conf.task_serializer == "json"  # only what was asked for
     (record,) = [r for r in caplog.records if r.name == "flask_execute.security"]
@@ -774,7 +774,7 @@ def test_sec17_development_key_is_created_once_and_shared(tmp_path, broker_url, 
 
     first, first_celery = make()
     second, second_celery = make()  # a reloader restart, a second web process
-    state = first.extensions["celery"]
+    state = first.extensions["celery"].runtime(first)
     path = os.path.join(state.runtime_dir, "signing.key")
     try:
         info = os.stat(path)
@@ -782,7 +782,9 @@ def test_sec17_development_key_is_created_once_and_shared(tmp_path, broker_url, 
         with open(path, "rb") as f:
             key = f.read()
         assert len(key) == 32
-        assert state.codec.kid == second.extensions["celery"].codec.kid == key_id(key)
+        assert (
+            state.codec.kid == second.extensions["celery"].runtime(second).codec.kid == key_id(key)
+        )
         with first.app_context():
             assert first_celery.submit(tasks.add, 1, 2).result(timeout=20) == 3
         with second.app_context():  # the first one's worker verifies its envelopes

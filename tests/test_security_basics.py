@@ -33,7 +33,7 @@ def _wait_log(path, needle, timeout=10):
 def test_tampered_and_unsigned_messages_never_run(direct_app, tmp_path, log_dir, redis_url):
     from tests.apps import direct
 
-    state = direct_app.extensions["celery"]
+    state = direct_app.extensions["celery"].runtime(direct_app)
     canary = tmp_path / "pwned"
     client = redis.Redis.from_url(redis_url + "/1")
     with direct_app.app_context():
@@ -66,7 +66,7 @@ def test_forged_result_is_refused_without_unpickling(direct_app, tmp_path, redis
     from flask_execute import SignatureError
     from flask_execute.futures import Future
 
-    state = direct_app.extensions["celery"]
+    state = direct_app.extensions["celery"].runtime(direct_app)
     canary = tmp_path / "pwned-web"
     future = Future(str(uuid.uuid4()), state.client)
     raw = pickle.dumps(Canary(str(canary))).hex()

@@ -22,7 +22,7 @@ def test_base_task_routes_every_task(broker_url, log_dir):
     celery = Celery(base_task=MyBaseTask)
     celery.init_app(app)
     try:
-        state = app.extensions["celery"]
+        state = app.extensions["celery"].runtime(app)
         assert isinstance(state.dispatch, MyBaseTask)
         future = celery.submit(tasks.add, 1, 2)
         assert future.result(timeout=20) == 3

@@ -29,7 +29,7 @@ def app(flask_execute_broker, log_dir):
 
 
 def test_worker_fixture_runs_real_workers(app, flask_execute_worker):
-    celery = app.extensions["celery"].extension
+    celery = app.extensions["celery"]
     assert flask_execute_worker.services.running
     with app.app_context():
         assert celery.submit(tasks.add, 1, 2).result(timeout=10) == 3
@@ -38,7 +38,7 @@ def test_worker_fixture_runs_real_workers(app, flask_execute_worker):
 
 def test_eager_fixture(app, flask_execute_eager):
     before = descendants()
-    celery = app.extensions["celery"].extension
+    celery = app.extensions["celery"]
     with app.app_context():
         future = celery.submit(tasks.add, 2, 2)
         assert future.done() and future.result() == 4

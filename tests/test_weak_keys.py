@@ -108,7 +108,7 @@ def test_production_refuses_a_guessable_fallback() -> None:
 def test_production_ignores_a_weak_secret_key_when_a_signing_key_is_set() -> None:
     # SECRET_KEY then signs Flask's sessions only; flask-execute does not use it
     app = build(SECRET_KEY="dev", CELERY_SIGNING_KEY=STRONG, **PRODUCTION)
-    assert app.extensions["celery"].codec.kid == Codec(STRONG.encode()).kid
+    assert app.extensions["celery"].runtime(app).codec.kid == Codec(STRONG.encode()).kid
 
 
 @pytest.mark.parametrize(
@@ -127,4 +127,4 @@ def test_development_accepts_the_quickstart_secret(mode: dict[str, object]) -> N
 
 def test_production_accepts_a_strong_secret() -> None:
     app = build(SECRET_KEY=STRONG, SECRET_KEY_FALLBACKS=[STRONG[::-1]], **PRODUCTION)
-    assert app.extensions["celery"].codec.kid == Codec(derive_key(STRONG.encode())).kid
+    assert app.extensions["celery"].runtime(app).codec.kid == Codec(derive_key(STRONG.encode())).kid

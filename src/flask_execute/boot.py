@@ -138,15 +138,15 @@ def celery_app() -> t.Any:
                 from flask.cli import ScriptInfo
 
                 app = ScriptInfo(app_import_path=os.environ.get("FLASK_APP")).load_app()
-            state = app.extensions.get("celery")
-            if state is None:
+            extension = app.extensions.get("celery")
+            if not isinstance(extension, Celery):
                 raise RuntimeError(
                     f"The Flask app {app.import_name!r} does not use flask-execute: call"
                     " Celery(app) or celery.init_app(app) where the app is built."
                 )
             if os.environ.get(CHILD_ENV):
                 _install_child_hooks()
-            _celery_app = state.controller
+            _celery_app = extension.runtime(app).controller
         return _celery_app
 
 

@@ -33,10 +33,15 @@ _PASS = {"ignore_unknown_options": True, "allow_extra_args": True}
 
 
 def _state() -> Runtime:
-    state = current_app.extensions.get("celery")
-    if state is None:  # pragma: no cover - the group is only added by init_app
+    return t.cast(Runtime, _extension().runtime(current_app._get_current_object()))  # type: ignore[attr-defined]
+
+
+def _extension() -> t.Any:
+    """The flask-execute extension of the current app."""
+    extension = current_app.extensions.get("celery")
+    if extension is None:  # pragma: no cover - the group is only added by init_app
         raise click.ClickException("This app does not use flask-execute.")
-    return t.cast(Runtime, state)
+    return extension
 
 
 def _run_celery(argv: list[str]) -> t.NoReturn:
@@ -143,7 +148,7 @@ def flower(args: tuple[str, ...]) -> None:
 @click.option("--timeout", default=1.0, show_default=True, help="Seconds to wait for replies.")
 def status(as_json: bool, timeout: float) -> None:
     """Which workers answer a ping. Exit code 1 when none does."""
-    replies = current_app.extensions["celery"].extension.status(timeout=timeout)
+    replies = _extension().status(timeout=timeout)
     if as_json:
         click.echo(json.dumps(replies, indent=2, sort_keys=True))
     elif replies:
@@ -168,7 +173,7 @@ def _value(text: str) -> t.Any:
 
 def _remote(kind: str, command: str, args: tuple[str, ...], timeout: float,
             destination: tuple[str, ...]) -> None:  # fmt: skip
-    extension = _state().extension
+    extension = _extension()
     proxy = extension.inspect if kind == "inspect" else extension.control
     try:
         method = getattr(proxy, command)

@@ -1,9 +1,11 @@
 """The ``Celery`` extension: ``init_app``, ``submit``/``apply``/``map``/``get``,
 ``status``, ``start``/``stop``.
 
-Nothing app-specific lives on the extension object: each app's Celery app, codec,
-watcher and local services live in its :class:`~flask_execute.runtime.Runtime`, kept
-in ``app.extensions["celery"]``. The extension picks the app and delegates.
+``app.extensions["celery"]`` is the extension object itself (as Flask-SQLAlchemy and
+Flask-Execute 0.1.6 store themselves), so ``current_app.extensions["celery"].submit``
+works. Nothing app-specific lives on it: each app's Celery app, codec, watcher and
+local services live in that app's :class:`~flask_execute.runtime.Runtime`
+(:meth:`Celery.runtime`). The extension picks the app and delegates.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ __all__ = ["RESERVED_OPTIONS", "Celery"]
 log = logging.getLogger(__name__)
 P = t.ParamSpec("P")
 R = t.TypeVar("R")
+_RUNTIME_KEY = "celery.runtime"
 
 
 class Celery:
@@ -71,8 +74,11 @@ class Celery:
                 "A 'Celery' instance has already been registered on this Flask app."
                 " Import and use that instance instead."
             )
-        state = Runtime(app, self.base_task, self)
-        app.extensions["celery"] = state
+        state = Runtime(app, self.base_task)
+        app.extensions["celery"] = self
+        # the runtime lives as long as its app (it refers to the app: a weak mapping
+        # from app to runtime would keep every app alive)
+        app.extensions[_RUNTIME_KEY] = state
         self._apps.add(app)
         for declaration in self.task.declarations():
             register(state, declaration)
@@ -82,7 +88,7 @@ class Celery:
 
     def runtimes(self) -> list[Runtime]:
         """The runtimes of every app this extension serves."""
-        return [app.extensions["celery"] for app in list(self._apps)]
+        return [app.extensions[_RUNTIME_KEY] for app in list(self._apps)]
 
     # --- which app --------------------------------------------------------------------
     def runtime(self, app: Flask | None = None) -> Runtime:
@@ -98,7 +104,7 @@ class Celery:
                     f"The app {app.import_name!r} does not use this flask-execute extension:"
                     " call 'celery.init_app(app)' first."
                 )
-            return t.cast(Runtime, app.extensions["celery"])
+            return t.cast(Runtime, app.extensions[_RUNTIME_KEY])
         return self._get_state()
 
     def _get_state(self) -> Runtime:
@@ -122,7 +128,7 @@ class Celery:
                     "This flask-execute extension serves several apps; push an app"
                     " context ('with app.app_context():') to pick one."
                 )
-        return t.cast(Runtime, app.extensions["celery"])
+        return t.cast(Runtime, app.extensions[_RUNTIME_KEY])
 
     @property
     def controller(self) -> celery_module.Celery:

@@ -16,7 +16,6 @@ import os
 import sys
 import threading
 import time
-import typing as t
 from collections.abc import Mapping
 
 import celery as celery_module
@@ -53,11 +52,9 @@ log = logging.getLogger(__name__)
 class Runtime:
     """Everything flask-execute keeps for one app."""
 
-    def __init__(self, app: Flask, base_task: type[Task] | None, extension: t.Any) -> None:
+    def __init__(self, app: Flask, base_task: type[Task] | None) -> None:
         self.app = app
         self.base_task = base_task
-        #: the ``Celery`` extension serving this app
-        self.extension = extension
         self.settings = config_module.load(app.config)
         redaction.install()  # Celery logs no envelope in this process (worker or not)
         translated = celery_conf.celery_settings(app.config)

@@ -61,21 +61,20 @@ def flask_execute_broker() -> Iterator[str]:
 
 
 def _state(app: Flask) -> Runtime:
-    state = app.extensions.get("celery")
-    if state is None:
+    extension = app.extensions.get("celery")
+    if extension is None:
         raise RuntimeError(
             "The 'app' fixture's app does not use flask-execute: call Celery(app) or"
             " celery.init_app(app) in it."
         )
-    return t.cast(Runtime, state)
+    return t.cast(Runtime, extension.runtime(app))
 
 
 @pytest.fixture
 def flask_execute_worker(app: Flask) -> Iterator[Runtime]:
     """Real local workers for the ``app`` fixture, stopped after the test."""
     state = _state(app)
-    with app.app_context():
-        state.extension.start()
+    state.start()
     try:
         yield state
     finally:

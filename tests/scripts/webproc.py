@@ -31,7 +31,7 @@ def main() -> None:
         celery.start()
     else:
         print("RESULT", celery.submit(add, 1, 2).result(timeout=30), flush=True)
-    pids = [c.pid for c in app.extensions["celery"].services.children]
+    pids = [c.pid for c in app.extensions["celery"].runtime(app).services.children]
     print("READY", json.dumps(pids), flush=True)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
