@@ -229,11 +229,22 @@ def forge(
 
 
 def forge_result(client: redis.Redis, task_id: str, meta: object) -> None:
-    """Write a result for ``task_id`` the way Celery's Redis result backend does."""
+    """Write a result for ``task_id`` the way our workers' result backend does: stored,
+    and published on its result channel and on the reply channels of the web processes
+    (an attacker with access to Redis lists them with PUBSUB CHANNELS, or reads them
+    from the queued messages)."""
     key = f"celery-task-meta-{task_id}"
     data = meta if isinstance(meta, bytes) else json.dumps(meta).encode()
     client.set(key, data)
     client.publish(key, data)
+    if not isinstance(meta, dict) or "task_id" in meta:
+        # what is on a reply channel names its task; without one it reaches nobody
+        for channel in client.pubsub_channels("flask-execute:reply:*"):
+            client.publish(channel, data)
+    else:
+        forged = json.dumps({**meta, "task_id": task_id}).encode()
+        for channel in client.pubsub_channels("flask-execute:reply:*"):
+            client.publish(channel, forged)
 
 
 def b64(data: bytes) -> str:

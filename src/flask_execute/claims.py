@@ -3,7 +3,9 @@ run per task id — the worker claims before running, the caller claims to cance
 
 ``flask-execute:claim:<task id>`` holds ``run`` (a worker started it), ``cancelled``
 (the caller won the race: it never runs), ``retry:<n>`` (the running attempt raised
-``Retry``: attempt *n* may claim) or ``done`` (an at-least-once call finished).
+``Retry``: attempt *n* may claim) or ``done`` (the call finished: set by the worker's
+result backend in the same atomic write that stores the final state, so a claim says
+``done`` exactly when an outcome was stored — :mod:`flask_execute.backend`).
 Without a Redis result backend there are no claims: cancel falls back to Celery's
 revoke alone, and replays are not detected.
 """
@@ -15,10 +17,11 @@ import typing as t
 
 from .futures import READY
 
-__all__ = ["Claims"]
+__all__ = ["Claims", "claim_key"]
 
 # claim KEYS[1] if nobody has; then store and publish the STARTED meta (KEYS[2]) as
-# Celery's Redis backend would, in the same round trip. Else return the claim.
+# Celery's Redis backend would, and on the caller's reply channel (ARGV[4], when
+# given), in the same round trip. Else return the claim.
 _CLAIM_AND_START = """
 if redis.call('set', KEYS[1], 'run', 'NX', 'EX', ARGV[1]) then
     if tonumber(ARGV[3]) > 0 then
@@ -27,6 +30,9 @@ if redis.call('set', KEYS[1], 'run', 'NX', 'EX', ARGV[1]) then
         redis.call('set', KEYS[2], ARGV[2])
     end
     redis.call('publish', KEYS[2], ARGV[2])
+    if ARGV[4] ~= '' then
+        redis.call('publish', ARGV[4], ARGV[2])
+    end
     return 1
 end
 return redis.call('get', KEYS[1])
@@ -40,6 +46,11 @@ return nil
 """
 
 
+def claim_key(task_id: str) -> str:
+    """The Redis key of ``task_id``'s claim (in the result backend)."""
+    return f"flask-execute:claim:{task_id}"
+
+
 class Claims:
     """The claims of one app's tasks."""
 
@@ -48,11 +59,9 @@ class Claims:
         claims), ``ttl`` how long a claim lives in seconds (longer than an envelope stays
         valid), ``max_deliveries`` the at-least-once delivery cap."""
         self._controller = controller
-        self._ttl = ttl
+        #: seconds a claim lives: longer than a call envelope stays valid
+        self.ttl = ttl
         self._max_deliveries = max_deliveries
-
-    def _claim_key(self, task_id: str) -> str:
-        return f"flask-execute:claim:{task_id}"
 
     def _redis(self) -> t.Any:
         from celery.backends.redis import RedisBackend
@@ -60,14 +69,22 @@ class Claims:
         backend = self._controller.backend
         return backend.client if isinstance(backend, RedisBackend) else None
 
-    def claim(self, task_id: str, attempt: int, late: bool = False, started: t.Any = None) -> str:
+    def claim(
+        self,
+        task_id: str,
+        attempt: int,
+        late: bool = False,
+        started: t.Any = None,
+        reply: str | None = None,
+    ) -> str:
         """Worker side, before running a call: ``run``, ``started`` (= run, and the
         STARTED state was already stored and published), ``cancelled``, ``duplicate``
         (this task id already ran: a replay) or ``poison`` (at-least-once only: the
         delivery cap is reached).
 
         ``started`` is the task's request: the first claim also stores its STARTED
-        state, in the same Redis round trip.
+        state, in the same Redis round trip, and publishes it on the caller's ``reply``
+        channel too.
 
         One key per task id, in the result backend. A retry (``current_task.retry()``)
         runs only if the attempt before it announced it (:meth:`allow_retry`): the
@@ -76,21 +93,20 @@ class Claims:
         client = self._redis()
         if client is None:
             return "run"
-        key = self._claim_key(task_id)
-        ttl = self._ttl
+        key = claim_key(task_id)
+        ttl = self.ttl
         if started is not None:
             backend = self._controller.backend
-            meta = backend.encode(
-                backend._get_result_meta(
-                    result={"pid": os.getpid(), "hostname": started.hostname},
-                    state="STARTED",
-                    traceback=None,
-                    request=started,
-                )
+            fields = backend._get_result_meta(
+                result={"pid": os.getpid(), "hostname": started.hostname},
+                state="STARTED",
+                traceback=None,
+                request=started,
             )
+            meta = backend.encode({**fields, "task_id": task_id})
             expires = int(backend.expires or 0)
             meta_key = backend.get_key_for_task(task_id)
-            value = client.eval(_CLAIM_AND_START, 2, key, meta_key, ttl, meta, expires)
+            value = client.eval(_CLAIM_AND_START, 2, key, meta_key, ttl, meta, expires, reply or "")
             if value == 1:
                 if late:
                     client.set(f"flask-execute:deliveries:{task_id}", 1, ex=ttl)
@@ -120,26 +136,11 @@ class Claims:
         deliveries = client.incr(f"flask-execute:deliveries:{task_id}")
         return "poison" if deliveries > self._max_deliveries else "run"
 
-    def claimed(self, task_id: str) -> bool:
-        """Did a worker ever claim (start, or see cancelled) this task id?"""
-        client = self._redis()
-        return client is not None and client.get(self._claim_key(task_id)) not in (
-            None,
-            b"cancelled",
-        )
-
-    def finish(self, task_id: str) -> None:
-        """The call finished (either way): any later delivery of it is a duplicate,
-        even after its result expired."""
-        client = self._redis()
-        if client is not None:
-            client.set(self._claim_key(task_id), "done", ex=self._ttl)
-
     def allow_retry(self, task_id: str, attempt: int) -> None:
         """The running attempt raised ``Retry``: let attempt ``attempt`` claim the id."""
         client = self._redis()
         if client is not None:
-            client.set(self._claim_key(task_id), f"retry:{attempt}", ex=self._ttl)
+            client.set(claim_key(task_id), f"retry:{attempt}", ex=self.ttl)
 
     def cancel(self, task_id: str) -> bool:
         """Caller side: claim the id as cancelled; False if a worker claimed it first.
@@ -147,5 +148,5 @@ class Claims:
         client = self._redis()
         if client is None:
             return True
-        ttl = self._ttl
-        return bool(client.set(self._claim_key(task_id), "cancelled", nx=True, ex=ttl))
+        ttl = self.ttl
+        return bool(client.set(claim_key(task_id), "cancelled", nx=True, ex=ttl))

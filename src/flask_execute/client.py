@@ -32,7 +32,6 @@ from .eager import EagerRuns
 from .envelopes import Codec
 from .errors import BrokerUnavailable
 from .errors import ConfigurationError
-from .errors import ResultExpired
 from .futures import Chunk
 from .futures import Future
 from .futures import FuturePool
@@ -155,6 +154,10 @@ class Client:
         label = function_label(func)
         queue = options.get("queue")
         sanitized = [self._sanitize(args, kwargs) for args, kwargs in calls]
+        reply = None
+        if not self.eager:
+            self._start()  # local services (the embedded broker, maybe) come first
+            reply = self.watcher().reply_channel
         futures: list[Future[t.Any]] = []
         items: list[tuple[str, str, Handler]] = []
         size = chunksize or 1
@@ -163,13 +166,17 @@ class Client:
             task_id = str(uuid.uuid4())
             if chunksize is None:
                 payload, by_value = dump_call(func, *batch[0], **self.pickling)
-                envelope = self.seal_call(task_id, payload, by_value, label, options, "call", task)
+                envelope = self.seal_call(
+                    task_id, payload, by_value, label, options, "call", task, reply
+                )
                 future: Future[t.Any] = Future(task_id, self, name=label, queue=queue)
                 futures.append(future)
                 items.append((task_id, envelope, future))
             else:
                 payload, by_value = dump_calls(func, batch, **self.pickling)
-                envelope = self.seal_call(task_id, payload, by_value, label, options, "chunk", task)
+                envelope = self.seal_call(
+                    task_id, payload, by_value, label, options, "chunk", task, reply
+                )
                 chunk = Chunk(task_id)
                 chunk.members = [
                     Future(task_id, self, name=label, queue=queue, chunk=chunk) for _ in batch
@@ -210,8 +217,10 @@ class Client:
         options: Mapping[str, t.Any],
         kind: str = "call",
         task: Task | None = None,
+        reply: str | None = None,
     ) -> str:
-        """The call envelope of ``payload`` for task ``task_id``."""
+        """The call envelope of ``payload`` for task ``task_id``; ``reply`` is the
+        channel of this process's result watcher."""
         root, parent = lineage(task_id, self.controller.current_worker_task)
         extra: dict[str, object] = {
             "fn": label,
@@ -219,6 +228,8 @@ class Client:
             "root": root,
             "parent": parent,
         }
+        if reply is not None:  # workers publish this call's states there too
+            extra["reply"] = reply
         if kind != "call":
             extra["k"] = kind
         return self.codec.seal(
@@ -315,11 +326,10 @@ class Client:
         if self.eager:
             return self.eager_runs.get(task_id)
         future: Future[t.Any] = Future(task_id, self)
-        self.watcher().watch(task_id, future, catch_up=True)
-        if not future.done() and future.state == "PENDING" and self.claims.claimed(task_id):
-            # it ran (a worker claimed it and would have stored STARTED at least), but
-            # the backend has nothing any more: the result expired
-            future.settle("FAILURE", exc=ResultExpired(task_id))
+        # its stored state (and claim) now, then whatever it publishes: a task that
+        # finished and whose result is gone fails with ResultExpired (the watcher reads
+        # the claim and the state in one round trip, so a task just starting never does)
+        self.watcher().watch(task_id, future, foreign=True)
         return future
 
     # --- the futures' link (FutureLink) ------------------------------------------------
@@ -331,6 +341,8 @@ class Client:
         if not self.claims.cancel(future.id) and not terminate:
             return False  # a worker claimed it first: it started
         self.controller.control.revoke(future.id, terminate=terminate, signal="SIGTERM")
+        if not terminate and future.chunk is None:
+            self._watcher().release(future.id, future)  # settled here; nothing to wait for
         return True
 
     def hold(self, future: Future[t.Any]) -> None:

@@ -30,6 +30,7 @@ from celery.worker.state import task_ready
 from .claims import Claims
 from .context import eager_run_active
 from .envelopes import Codec
+from .envelopes import reply_channel
 from .errors import RemoteError
 from .errors import SerializationError
 from .errors import SignatureError
@@ -84,6 +85,9 @@ class Worker:
     codec: Codec
     claims: Claims
     max_deliveries: int
+    #: task id -> the caller's reply channel, for the calls this process runs (the
+    #: result backend publishes their states there too; see backend.py)
+    replies: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 class SafeRequest(CeleryRequest):  # type: ignore[misc]
@@ -189,20 +193,11 @@ def execute(task: Task, worker: Worker, envelope: str) -> t.Any:
     """
     eager = eager_run_active()
     header, payload = _admit(task, worker, envelope, eager)
-    if task.name != DISPATCH_LATE or eager:
-        return _run(task, worker, header, payload, eager)
-    # at-least-once: once the call finished (either way), later deliveries are
-    # duplicates, even after the result expired; a retry keeps its own claim
-    try:
-        outcome = _run(task, worker, header, payload, eager)
-    except Retry:
-        raise
-    except BaseException:
-        if not _leaving():  # a pool process stopped mid-call has not finished it
-            worker.claims.finish(header["tid"])
-        raise
-    worker.claims.finish(header["tid"])
-    return outcome
+    # Once the call finished (either way), later deliveries are duplicates, even after
+    # its result expired: the result backend marks the claim done in the same atomic
+    # write that stores the outcome (backend.py), so a worker killed at any instant
+    # either stored an outcome or left the call to run again (at-least-once).
+    return _run(task, worker, header, payload, eager)
 
 
 def _admit(
@@ -216,18 +211,28 @@ def _admit(
     try:
         header, payload = worker.codec.open(envelope, "call", request.id, bindings)
     except SignatureError as exc:
-        if exc.reason not in ("python_mismatch", "encryption_mismatch"):
+        if exc.reason not in ("python_mismatch", "encryption_mismatch") or exc.header is None:
             _reject(task, exc)
-        # the MAC checked out: a genuine set-up mistake, reported to the caller
+        # the MAC checked out: a genuine set-up mistake, reported to the caller at once
+        reply = reply_channel(exc.header)
+        if reply is not None and not eager:
+            worker.replies[request.id] = reply
         raise _sealed_failure(worker, request.id, SerializationError(str(exc)), "") from None
     tid: str = header["tid"]  # == request.id, now verified
     if not eager and not _parent_agrees(header.get("parent"), request, tid):
         _reject(task, SignatureError("binding_mismatch", "Envelope is not for this parent."))
     label = header.get("fn", "?")
     if not eager:
+        reply = reply_channel(header)
         claim = worker.claims.claim(
-            tid, request.retries or 0, late=task.name == DISPATCH_LATE, started=request
+            tid,
+            request.retries or 0,
+            late=task.name == DISPATCH_LATE,
+            started=request,
+            reply=reply,
         )
+        if reply is not None and claim != "duplicate":
+            worker.replies[tid] = reply  # until its final state is stored
         if claim == "cancelled":
             log.info("flask-execute: task %s [%s] was cancelled before it started", label, tid)
             task.backend.mark_as_revoked(tid, "cancelled", request=request)

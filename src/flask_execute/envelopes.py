@@ -22,6 +22,7 @@ import binascii
 import hashlib
 import hmac
 import json
+import re
 import sys
 import time
 import typing as t
@@ -33,13 +34,32 @@ from .crypto import make_cipher
 from .errors import SerializationError
 from .errors import SignatureError
 
-__all__ = ["DEFAULT_MAX_AGE", "PYTHON", "VERSION", "Codec", "derive_key", "key_id"]
+__all__ = [
+    "DEFAULT_MAX_AGE",
+    "PYTHON",
+    "REPLY_PREFIX",
+    "VERSION",
+    "Codec",
+    "derive_key",
+    "key_id",
+    "reply_channel",
+]
 
 VERSION = "fe1"
 PYTHON = f"{sys.version_info[0]}.{sys.version_info[1]}"
 #: How long a call envelope stays valid after its ETA (replays are bounded by it).
 DEFAULT_MAX_AGE = 7 * 24 * 3600
 _CLOCK_SKEW = 300
+#: A call envelope's ``reply`` names the Redis channel of the process that waits for
+#: it: ``<REPLY_PREFIX><32 hex digits>``.
+REPLY_PREFIX = "flask-execute:reply:"
+_REPLY = re.compile(re.escape(REPLY_PREFIX) + r"[0-9a-f]{32}")
+
+
+def reply_channel(header: t.Mapping[str, object]) -> str | None:
+    """The reply channel a verified call header names, if it names a valid one."""
+    reply = header.get("reply")
+    return reply if isinstance(reply, str) and _REPLY.fullmatch(reply) else None
 
 
 def derive_key(secret: bytes, salt: bytes = b"flask-execute.signing") -> bytes:
@@ -213,16 +233,22 @@ class Codec:
             raise SignatureError("expired", "Envelope was issued in the future.")
         py = header.get("py")
         if py is not None and py != PYTHON:
-            raise SignatureError(
+            error = SignatureError(
                 "python_mismatch",
                 f"Envelope carries code pickled by value on Python {py}; this is Python"
                 f" {PYTHON}. Run workers on the same Python version as the web process.",
             )
+            error.header = header
+            raise error
         try:
             payload = _b64d(body)
         except (ValueError, binascii.Error) as exc:  # pragma: no cover - MAC covers it
             raise SignatureError("malformed", f"Envelope payload is unreadable: {exc}.") from None
         associated = f"{VERSION}.{head}".encode()
-        return header, decrypt_payload(
-            self._cipher, header.get("enc"), payload, associated, purpose
-        )
+        try:
+            data = decrypt_payload(self._cipher, header.get("enc"), payload, associated, purpose)
+        except SignatureError as error:
+            if error.reason == "encryption_mismatch":
+                error.header = header  # genuine: the MAC checked out
+            raise
+        return header, data

@@ -67,11 +67,14 @@ class SignatureError(ExecuteError):
     ``reason`` is a short machine-readable word (``bad_mac``, ``expired``,
     ``malformed``, ``unknown_key``, ``binding_mismatch``, ``python_mismatch``,
     ``too_large``, ``encryption_mismatch``: ``CELERY_ENCRYPT`` differs between the
-    process that sealed the envelope and this one).
+    process that sealed the envelope and this one). ``header`` is the envelope's header
+    when the signature itself checked out (``python_mismatch``,
+    ``encryption_mismatch``: a genuine envelope this process cannot open), else None.
     """
 
     def __init__(self, reason: str, message: str | None = None) -> None:
         self.reason = reason
+        self.header: dict[str, object] | None = None
         super().__init__(message or f"Signed envelope rejected: {reason}.")
 
 

@@ -34,17 +34,29 @@ from kombu.utils.json import loads as _kombu_loads
 from .envelopes import Codec
 from .errors import RemoteError
 from .errors import RemoteTraceback
+from .errors import ResultExpired
 from .errors import SignatureError
 from .futures import Chunk
 from .futures import Future
 from .futures import READY
 
-__all__ = ["UNREADABLE", "Outcome", "Outcomes", "contained", "read_state", "unreadable"]
+__all__ = [
+    "EXPIRED",
+    "UNREADABLE",
+    "Outcome",
+    "Outcomes",
+    "contained",
+    "read_state",
+    "unreadable",
+]
 
 Handler: t.TypeAlias = Future[t.Any] | Chunk
 
 #: The key of a meta that stands for an unreadable state; its value says why.
 UNREADABLE = "flask_execute_unreadable"
+#: The meta standing for a call that finished (its claim says so) whose result the
+#: backend no longer holds. Recognised by identity: no stored state can be it.
+EXPIRED: dict[str, t.Any] = {"status": "FAILURE"}
 
 _JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number",
                bool: "a boolean", type(None): "null"}  # fmt: skip
@@ -186,6 +198,8 @@ class Outcomes:
             return Outcome(states.FAILURE, exc=error)
         if status not in states.READY_STATES:
             return Outcome(status, meta.get("result"))
+        if meta is EXPIRED:
+            return Outcome(states.FAILURE, exc=ResultExpired(task_id))
         if status == states.FAILURE:
             return Outcome(status, exc=self.failure(task_id, meta))
         if status != states.SUCCESS:

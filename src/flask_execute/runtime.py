@@ -85,6 +85,7 @@ class Runtime:
         )
         self.worker = Worker(self.codec, self.claims, self.settings.max_deliveries)
         self._watcher: Watcher | None = None
+        self._watcher_pid = 0
         self._watcher_lock = threading.Lock()
         self.client = Client(
             self.celery_app,
@@ -156,15 +157,18 @@ class Runtime:
 
     @property
     def watcher(self) -> Watcher:
-        """The result watcher of this app in this process (created on first use)."""
-        if self._watcher is None:
+        """The result watcher of this app in this process (created on first use; a
+        forked child, such as a gunicorn worker of a preloaded app, gets its own, with
+        its own reply channel)."""
+        if self._watcher is None or self._watcher_pid != os.getpid():
             with self._watcher_lock:
-                if self._watcher is None:
+                if self._watcher is None or self._watcher_pid != os.getpid():
                     self._watcher = make_watcher(
                         self.controller.backend,
                         self.outcomes.deliver,
                         self.settings.broker_timeout,
                     )
+                    self._watcher_pid = os.getpid()
         return self._watcher
 
     def boot_content(self) -> dict[str, object]:
