@@ -118,6 +118,7 @@ def test_key_table_covers_the_documented_keys() -> None:
         "CELERY_EMBEDDED_BROKER": True,
         "CELERY_BROKER_TIMEOUT": 3,
         "CELERY_MAX_DELIVERIES": 3,
+        "CELERY_EXIT_WAIT": 60,
         "CELERY_PICKLE_BY_VALUE": True,
         "CELERY_UNSAFE_ALLOW_PICKLE": False,
         "CELERY_MAX_MESSAGE_SIZE": 64 * 1024 * 1024,

@@ -22,9 +22,9 @@ from .errors import TaskTimeoutError
 from .errors import UnsafePathError
 from .executor import CeleryExecutor
 from .futures import Future
-from .futures import FuturePool
 from .plugin import Celery
 from .plugin import RESERVED_OPTIONS
+from .pool import FuturePool
 from .progress import progress
 
 __all__ = [

@@ -98,7 +98,11 @@ class Claims:
         if started is not None:
             backend = self._controller.backend
             fields = backend._get_result_meta(
-                result={"pid": os.getpid(), "hostname": started.hostname},
+                result={
+                    "pid": os.getpid(),
+                    "hostname": started.hostname,
+                    "retries": started.retries or 0,
+                },
                 state="STARTED",
                 traceback=None,
                 request=started,

@@ -10,8 +10,10 @@ class implements.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import datetime
+import threading
 import time
 import typing as t
 import uuid
@@ -27,25 +29,42 @@ from werkzeug.local import LocalProxy
 from .celery_conf import CeleryApp
 from .claims import Claims
 from .config import Settings
-from .control import Inspect
 from .eager import EagerRuns
 from .envelopes import Codec
 from .errors import BrokerUnavailable
 from .errors import ConfigurationError
 from .futures import Chunk
 from .futures import Future
-from .futures import FuturePool
 from .message_fields import lineage
 from .options import check_options
 from .outcomes import Outcomes
+from .pool import FuturePool
 from .serialization import dump_call
 from .serialization import dump_calls
 from .serialization import function_label
+from .waits import describe_wait
 from .watcher import Watcher
 
-__all__ = ["Client", "Prepared", "safe_url"]
+__all__ = ["Client", "Prepared", "at_interpreter_exit", "safe_url"]
 
 R = t.TypeVar("R")
+_exiting = threading.Event()
+
+
+def at_interpreter_exit(hook: Callable[[], None]) -> None:
+    """Run ``hook`` when the interpreter starts to exit, before ``atexit`` handlers
+    (where ``concurrent.futures`` runs its own shutdown), so that it can still use the
+    local services those handlers stop."""
+    register = getattr(threading, "_register_atexit", None)  # CPython >= 3.9
+    if register is None:  # pragma: no cover - other interpreters
+        atexit.register(hook)
+    else:
+        register(hook)
+
+
+# like concurrent.futures: no new calls once the interpreter exits (an atexit hook that
+# submits would start local workers during shutdown, and its call would be lost)
+at_interpreter_exit(_exiting.set)
 Handler: t.TypeAlias = Future[t.Any] | Chunk
 
 
@@ -80,8 +99,10 @@ class Client:
         start: Callable[[], None],
         broker_url: str,
         backend_url: str,
+        app_context: Callable[[], t.ContextManager[object]],
     ) -> None:
         self.celery_app = celery_app
+        self._app_context = app_context
         self.controller = celery_app.controller
         self.codec = codec
         self.claims = claims
@@ -148,6 +169,8 @@ class Client:
         :raises SerializationError: an argument cannot be pickled (named).
         :raises TypeError, ValueError: a Celery option that cannot be used (named).
         """
+        if _exiting.is_set():
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
         check_options(options)
         options = dict(options)
         task = self.dispatch_for(options)
@@ -355,39 +378,20 @@ class Client:
     def async_result(self, task_id: str) -> t.Any:
         return self.controller.AsyncResult(task_id)
 
+    def callback_context(self) -> t.ContextManager[object]:
+        """Done-callbacks run in an application context of this app."""
+        return self._app_context()
+
     def describe_wait(self, future: Future[t.Any]) -> str:
-        """Why a future is still pending, for its timeout error: which workers answer,
-        and whether any consumes its queue (asks them, for at most 0.3 s)."""
-        if future.state != "PENDING":
-            return ""
-        if future.name is None:  # from celery.get(): we never saw it sent
-            return (
-                " The result backend knows nothing of this task id: it is still queued,"
-                " was never submitted, or its result expired before any worker ran it."
-            )
-        queue = (
-            future.queue or self.celery_app.base_queue or self.controller.conf.task_default_queue
+        """Why a future is still pending, for its timeout error (asks the workers which
+        queues they consume, for at most 0.3 s)."""
+        return describe_wait(
+            self.controller,
+            future,
+            self.celery_app.base_queue,
+            self.settings.start_local_workers,
+            self.broker_url,
         )
-        try:
-            replies = Inspect(self.controller).active_queues(timeout=0.3)
-        except Exception as exc:
-            return f" The broker could not be asked which workers run ({exc})."
-        seen = ", ".join(
-            f"{node} [{', '.join(q['name'] for q in queues)}]"
-            for node, queues in sorted(replies.items())
-        )
-        consumers = [
-            node for node, queues in replies.items() if any(q["name"] == queue for q in queues)
-        ]
-        if consumers:
-            return f" Workers consuming {queue!r}: {', '.join(sorted(consumers))} (busy?)."
-        hint = ""
-        if not self.settings.start_local_workers:
-            hint = (
-                " Local workers are off (CELERY_START_LOCAL_WORKERS=False): is a worker"
-                f" running for this app on broker {safe_url(self.broker_url)}?"
-            )
-        return f" No worker consumes queue {queue!r} (workers seen: {seen or 'none'}).{hint}"
 
 
 def _not_before(options: Mapping[str, t.Any]) -> float | None:

@@ -24,6 +24,7 @@ from .validators import path
 from .validators import port
 from .validators import positive_int
 from .validators import positive_number
+from .validators import seconds_or_zero
 from .worker_options import workers
 
 __all__ = ["DEFAULT_BROKER_URL", "KEYS", "KEY_NAMES", "Key", "Settings", "load"]
@@ -215,6 +216,12 @@ KEYS: tuple[Key, ...] = (
         "At-least-once tasks: deliveries (worker deaths) before giving up with a failure",
     ),
     Key(
+        "CELERY_EXIT_WAIT",
+        60,
+        seconds_or_zero,
+        "At exit, seconds to wait for unfinished calls before stopping local workers",
+    ),
+    Key(
         "CELERY_PICKLE_BY_VALUE",
         True,
         boolean,
@@ -271,6 +278,7 @@ class Settings:
     max_deliveries: int
     encrypt: bool | list[bytes]
     flower_basic_auth: list[str] = dataclasses.field(default_factory=list, repr=False)
+    exit_wait: float = 60.0
 
 
 def load(config: Mapping[str, object]) -> Settings:
@@ -323,4 +331,5 @@ def load(config: Mapping[str, object]) -> Settings:
         max_deliveries=values["CELERY_MAX_DELIVERIES"],  # type: ignore[arg-type]
         encrypt=values["CELERY_ENCRYPT"],  # type: ignore[arg-type]
         flower_basic_auth=values["CELERY_FLOWER_BASIC_AUTH"],  # type: ignore[arg-type]
+        exit_wait=values["CELERY_EXIT_WAIT"],  # type: ignore[arg-type]
     )

@@ -261,7 +261,13 @@ def _admit(
             raise Ignore()
         if claim != "started":  # not stored with the claim (retries, redeliveries)
             task.update_state(
-                tid, state="STARTED", meta={"pid": os.getpid(), "hostname": request.hostname}
+                tid,
+                state="STARTED",
+                meta={
+                    "pid": os.getpid(),
+                    "hostname": request.hostname,
+                    "retries": request.retries or 0,
+                },
             )
     return header, payload
 

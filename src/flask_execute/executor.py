@@ -91,14 +91,16 @@ class CeleryExecutor(concurrent.futures.Executor):
         futures = list(pool)
 
         def results() -> Iterator[R]:
+            # as the stdlib's: pop each future before waiting on it, hold no
+            # reference across a yield, and cancel what is left (the one timed out
+            # on included) when the caller stops iterating or the time runs out
             try:
-                futures.reverse()  # pop from the end, as the stdlib does
+                futures.reverse()
                 while futures:
-                    future = futures.pop()
                     if deadline is None:
-                        yield future.result()
+                        yield _result_or_cancel(futures.pop())
                     else:
-                        yield future.result(max(0.0, deadline - time.monotonic()))
+                        yield _result_or_cancel(futures.pop(), deadline - time.monotonic())
             finally:
                 for future in futures:
                     future.cancel()
@@ -116,3 +118,15 @@ class CeleryExecutor(concurrent.futures.Executor):
                 future.cancel()
         if wait:
             concurrent.futures.wait(pending)
+
+
+def _result_or_cancel(future: Future[R], timeout: float | None = None) -> R:
+    """``future.result(timeout)``, cancelling the call if it did not finish in time
+    (CPython's ``concurrent.futures._base._result_or_cancel``)."""
+    try:
+        try:
+            return future.result(None if timeout is None else max(0.0, timeout))
+        finally:
+            future.cancel()
+    finally:
+        del future  # no reference cycle through a stored exception

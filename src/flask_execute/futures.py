@@ -13,17 +13,17 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import concurrent.futures._base as _base
+import datetime
 import time
 import typing as t
 from collections.abc import Callable
 from collections.abc import Generator
-from collections.abc import Iterator
 
 from .context import eager_run_active
 from .context import task_running
 from .errors import TaskTimeoutError
 
-__all__ = ["READY", "Chunk", "Future", "FutureLink", "FuturePool"]
+__all__ = ["READY", "Chunk", "Future", "FutureLink", "remaining", "seconds"]
 
 T = t.TypeVar("T")
 
@@ -50,6 +50,9 @@ class FutureLink(t.Protocol):
     def async_result(self, task_id: str) -> t.Any:
         """Celery's ``AsyncResult`` for ``task_id``."""
 
+    def callback_context(self) -> t.ContextManager[object]:
+        """The context done-callbacks run in (an app context of the submitting app)."""
+
 
 class Future(concurrent.futures.Future[T]):
     """The outcome of one submitted call, as a :class:`concurrent.futures.Future`.
@@ -75,11 +78,18 @@ class Future(concurrent.futures.Future[T]):
         self._queue = queue
         self._celery_state = "PENDING"
         self._info: object = None
+        self._facts: dict[str, object] = {}
         #: the ``map`` chunk (one message, several calls) this future is a member of
         self.chunk = chunk
 
     def __repr__(self) -> str:
-        return f"<Future {self._name or ''}[{self._task_id}] {self._celery_state}>"
+        # the stdlib's shape (``<Future at 0x... state=finished returned int>``), then
+        # Celery's facts
+        base = super().__repr__()
+        facts = f" task={self._task_id}"
+        if self._name:
+            facts += f" name={self._name}"
+        return f"{base[:-1]}{facts} celery={self._celery_state}>"
 
     # --- Celery facts -----------------------------------------------------------
     @property
@@ -113,6 +123,46 @@ class Future(concurrent.futures.Future[T]):
         return self._queue
 
     @property
+    def traceback(self) -> str | None:
+        """The worker-side traceback of a failed task (text), else None."""
+        value = self._facts.get("traceback")
+        return value if isinstance(value, str) and value else None
+
+    @property
+    def date_done(self) -> datetime.datetime | None:
+        """When the task finished (UTC), as the worker stored it; None until then."""
+        value = self._facts.get("date_done")
+        if isinstance(value, str):
+            try:
+                return datetime.datetime.fromisoformat(value)
+            except ValueError:
+                return None
+        return value if isinstance(value, datetime.datetime) else None
+
+    @property
+    def retries(self) -> int:
+        """How many times the task was retried (``current_task.retry()``) so far."""
+        value = self._facts.get("retries")
+        return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+    @property
+    def worker(self) -> str | None:
+        """The node (``name@host``) that ran or runs the task, once it started."""
+        value = self._facts.get("worker")
+        return value if isinstance(value, str) else None
+
+    @property
+    def args(self) -> str:
+        """The call's positional arguments as a label (``<module:qualname>``), never
+        their values: what logs, ``inspect`` and Flower show."""
+        return f"<{self._name or '?'}>"
+
+    @property
+    def kwargs(self) -> str:
+        """The call's keyword arguments as a label, never their values."""
+        return "{}"
+
+    @property
     def async_result(self) -> t.Any:
         """Celery's ``AsyncResult`` for this task (``None`` without a Celery app)."""
         if self._link is None:
@@ -120,6 +170,18 @@ class Future(concurrent.futures.Future[T]):
         return self._link.async_result(self._task_id)
 
     # --- transitions, driven from outside (the result watcher, eager runs) ---------
+    def record(self, meta: t.Mapping[str, object]) -> None:
+        """Note Celery's facts in a stored state (when it finished, the traceback,
+        which worker started it and at which retry). Never changes the outcome."""
+        if meta.get("status") == "STARTED":
+            info = meta.get("result")
+            if isinstance(info, t.Mapping):
+                self._facts["worker"] = info.get("hostname")
+                self._facts["retries"] = info.get("retries", self._facts.get("retries"))
+        for key in ("date_done", "traceback"):
+            if meta.get(key) is not None:
+                self._facts[key] = meta[key]
+
     def set_progress(self, state: str, info: object = None) -> None:
         """A non-final Celery state arrived (STARTED, PROGRESS, RETRY, ...): follow it.
         Ignored once the future is done."""
@@ -156,13 +218,27 @@ class Future(concurrent.futures.Future[T]):
             self.set_result(t.cast(T, value))
 
     # --- the concurrent.futures API ----------------------------------------------
-    def cancel(self, terminate: bool = False) -> bool:
+    def cancel(
+        self, terminate: bool = False, *, wait: bool = False, timeout: float | None = None
+    ) -> bool:
         """Cancel the task if it has not started; return True when it will never run.
 
         With ``terminate=True`` a running task is also stopped (its worker process
         gets SIGTERM). Returns False when the task already finished (or started,
-        without ``terminate``).
+        without ``terminate``). ``wait=True`` (as in Flask-Execute 0.1.6) also waits up
+        to ``timeout`` seconds for the task to be final (a terminated task's
+        ``REVOKED``).
+
+        A cancelled future counts as done at once for ``concurrent.futures.wait()`` and
+        ``as_completed()``: there is no executor thread here to notify them later.
         """
+        if not self._cancel(terminate):
+            return False
+        if wait:
+            concurrent.futures.wait([self], timeout)
+        return True
+
+    def _cancel(self, terminate: bool) -> bool:
         with self._condition:
             if self._state == _base.FINISHED:
                 return False
@@ -177,18 +253,32 @@ class Future(concurrent.futures.Future[T]):
                 return False
             if self._state in (_base.CANCELLED, _base.CANCELLED_AND_NOTIFIED):
                 return True
-            self._state = _base.CANCELLED
+            self._state = _base.CANCELLED_AND_NOTIFIED
             self._celery_state = "REVOKED"
+            for waiter in self._waiters:
+                waiter.add_cancelled(self)
             self._condition.notify_all()
         self._invoke_callbacks()  # type: ignore[attr-defined]
         return True
 
     def add_done_callback(self, fn: Callable[[concurrent.futures.Future[T]], object]) -> None:
         """Call ``fn(future)`` once, when the future is done or cancelled (at once if it
-        already is). Callbacks run in the result watcher's thread."""
-        if self._link is not None and not self.done():
-            self._link.hold(self)
-        super().add_done_callback(fn)
+        already is), inside an application context of the submitting app (a callback
+        may query Flask-SQLAlchemy). Callbacks run in the result watcher's thread; an
+        exception in one is logged with the future (and so its task id), as
+        ``concurrent.futures`` does."""
+        link = self._link
+        if link is None:
+            super().add_done_callback(fn)
+            return
+
+        def in_context(future: concurrent.futures.Future[T]) -> None:
+            with link.callback_context():
+                fn(future)
+
+        if not self.done():
+            link.hold(self)
+        super().add_done_callback(in_context)
 
     def _guard(self) -> None:
         if not self.done() and task_running() and not eager_run_active():
@@ -208,26 +298,26 @@ class Future(concurrent.futures.Future[T]):
         self._guard()
         try:
             return super().result(timeout)
-        except concurrent.futures.TimeoutError as exc:
-            if isinstance(exc, TaskTimeoutError):
+        except concurrent.futures.TimeoutError:
+            if self.done():  # the task's own TimeoutError, not our wait running out
                 raise
-            raise self._timeout_error(timeout) from None
+            raise self.timeout_error(timeout) from None
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """Return the task's exception (None if it succeeded), waiting like ``result``."""
         self._guard()
         try:
             return super().exception(timeout)
-        except concurrent.futures.TimeoutError as exc:
-            if isinstance(exc, TaskTimeoutError):
-                raise
-            raise self._timeout_error(timeout) from None
+        except concurrent.futures.TimeoutError:
+            raise self.timeout_error(timeout) from None
 
-    def _timeout_error(self, timeout: float | None) -> TaskTimeoutError:
+    def timeout_error(self, timeout: float | None) -> TaskTimeoutError:
+        """The error of a wait of ``timeout`` seconds that ran out: what was seen (state,
+        queue) and, when known, why (which workers consume the queue)."""
         where = f" on queue {self._queue!r}" if self._queue else ""
         detail = self._link.describe_wait(self) if self._link is not None else ""
         return TaskTimeoutError(
-            f"Task {self._name or ''}[{self._task_id}] not done after {timeout} s"
+            f"Task {self._name or ''}[{self._task_id}] not done after {seconds(timeout)}"
             f" (state {self._celery_state}{where}).{detail}"
         )
 
@@ -244,105 +334,12 @@ class Chunk:
         self.members: list[Future[t.Any]] = []
 
 
-class FuturePool(t.Generic[T]):
-    """The futures of one ``map`` call, in submission order, with pool-wide verbs.
-
-    ``len(pool)``, ``pool[i]`` and iteration give the member futures.
-    ``result(timeout)`` waits for all of them under ONE deadline and returns their
-    results in order.
-    """
-
-    def __init__(self, futures: list[Future[T]]) -> None:
-        self.futures = futures
-
-    def __repr__(self) -> str:
-        done = sum(f.done() for f in self.futures)
-        return f"<FuturePool {done}/{len(self.futures)} done>"
-
-    def __len__(self) -> int:
-        return len(self.futures)
-
-    def __iter__(self) -> Iterator[Future[T]]:
-        return iter(self.futures)
-
-    @t.overload
-    def __getitem__(self, index: int) -> Future[T]: ...
-    @t.overload
-    def __getitem__(self, index: slice) -> list[Future[T]]: ...
-    def __getitem__(self, index: int | slice) -> Future[T] | list[Future[T]]:
-        return self.futures[index]
-
-    def result(self, timeout: float | None = None, *, progress: bool = False) -> list[T]:
-        """All results in submission order; raises the first failure met (in order).
-
-        ``progress=True`` shows a progress bar (tqdm when installed) while waiting.
-
-        :raises TaskTimeoutError: when not everything finished within ``timeout``
-            seconds in total.
-        """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        if progress:
-            from .progress import progress as show
-
-            try:
-                show(self.futures, timeout)
-            except concurrent.futures.TimeoutError:
-                pass  # the loop below raises the precise error
-        return [f.result(_remaining(deadline)) for f in self.futures]
-
-    def exception(self, timeout: float | None = None) -> BaseException | None:
-        """The first member exception in submission order, or None."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        for f in self.futures:
-            if f.cancelled():
-                continue
-            exc = f.exception(_remaining(deadline))
-            if exc is not None:
-                return exc
-        return None
-
-    def cancel(self, terminate: bool = False) -> bool:
-        """Cancel every member that can be; True if at least one was cancelled."""
-        return any([f.cancel(terminate) for f in self.futures])
-
-    def cancelled(self) -> bool:
-        """True if any member was cancelled."""
-        return any(f.cancelled() for f in self.futures)
-
-    def running(self) -> bool:
-        """True if any member is executing right now."""
-        return any(f.running() for f in self.futures)
-
-    def done(self) -> bool:
-        """True once every member is done."""
-        return all(f.done() for f in self.futures)
-
-    def as_completed(self, timeout: float | None = None) -> Iterator[Future[T]]:
-        """Yield members as they finish (``concurrent.futures.as_completed``)."""
-        return t.cast(Iterator[Future[T]], concurrent.futures.as_completed(self.futures, timeout))
-
-    def add_done_callback(self, fn: Callable[[FuturePool[T]], object]) -> None:
-        """Call ``fn(pool)`` once, when every member is done (at once if they are)."""
-        import threading
-
-        lock = threading.Lock()
-        remaining = [len(self.futures)]
-
-        def member_done(_: object) -> None:
-            with lock:
-                remaining[0] -= 1
-                last = remaining[0] == 0
-            if last:
-                fn(self)
-
-        if not self.futures:
-            fn(self)
-            return
-        for f in self.futures:
-            f.add_done_callback(member_done)
+def seconds(timeout: float | None) -> str:
+    """A timeout as the caller gave it: ``0.5 s``, ``10 s``, ``no limit``."""
+    return "no limit" if timeout is None else f"{timeout:g} s"
 
 
-def _remaining(deadline: float | None) -> float | None:
+def remaining(deadline: float | None) -> float | None:
     if deadline is None:
         return None
     return max(0.0, deadline - time.monotonic())

@@ -132,6 +132,9 @@ class Outcomes:
     def deliver(self, task_id: str, meta: Mapping[str, t.Any], handler: Handler) -> None:
         """Move ``handler`` (a future, or the futures of a ``map`` chunk) to the state
         ``meta`` stands for."""
+        members = handler.members if isinstance(handler, Chunk) else [handler]
+        for member in members:
+            member.record(meta)
         if isinstance(handler, Chunk):
             self._deliver_chunk(task_id, meta, handler.members)
             return

@@ -28,8 +28,8 @@ from .control import Control
 from .control import Inspect
 from .executor import CeleryExecutor
 from .futures import Future
-from .futures import FuturePool
 from .options import RESERVED_OPTIONS
+from .pool import FuturePool
 from .registry import apply_schedule
 from .registry import register
 from .registry import ScheduleRegistry

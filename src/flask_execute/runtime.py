@@ -21,6 +21,7 @@ from collections.abc import Mapping
 import celery as celery_module
 import cloudpickle
 from celery import Task
+from celery.backends.redis import RedisBackend
 from flask import Flask
 from kombu.exceptions import OperationalError
 
@@ -29,6 +30,7 @@ from . import config as config_module
 from . import redaction
 from . import rundir
 from .claims import Claims
+from .client import at_interpreter_exit
 from .client import Client
 from .client import safe_url
 from .dispatch import Worker
@@ -41,7 +43,8 @@ from .local import LocalServices
 from .local import redis_answers
 from .locator import locate
 from .outcomes import Outcomes
-from .watcher import make_watcher
+from .redis_watcher import RedisWatcher
+from .watcher import PollingWatcher
 from .watcher import Watcher
 
 __all__ = ["Runtime"]
@@ -97,9 +100,11 @@ class Runtime:
             self.ensure_started,
             self.broker_url,
             self.backend_url,
+            app.app_context,
         )
         self.services = LocalServices(self)
         self._started = False
+        self._exit_hook = False
         self._start_lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -163,10 +168,11 @@ class Runtime:
         if self._watcher is None or self._watcher_pid != os.getpid():
             with self._watcher_lock:
                 if self._watcher is None or self._watcher_pid != os.getpid():
-                    self._watcher = make_watcher(
-                        self.controller.backend,
-                        self.outcomes.deliver,
-                        self.settings.broker_timeout,
+                    backend = self.controller.backend
+                    self._watcher = (
+                        RedisWatcher(backend, self.outcomes.deliver, self.settings.broker_timeout)
+                        if isinstance(backend, RedisBackend)
+                        else PollingWatcher(backend, self.outcomes.deliver)
                     )
                     self._watcher_pid = os.getpid()
         return self._watcher
@@ -225,7 +231,7 @@ class Runtime:
             if self._started:
                 return
             if self.settings.start_local_workers and not self.eager and not self.is_child:
-                self.services.start()
+                self._start_services()
             self._started = True
 
     def start(self) -> None:
@@ -233,8 +239,49 @@ class Runtime:
         if self.is_child or self.eager:
             return
         with self._start_lock:
-            self.services.start()
+            self._start_services()
             self._started = True
+
+    def _start_services(self) -> None:
+        self.services.start()
+        if self.services.owner and not self._exit_hook:
+            self._exit_hook = True
+            at_interpreter_exit(self._finish_calls)
+
+    def _finish_calls(self) -> None:
+        """At interpreter exit, before the local workers stop: wait (at most
+        ``CELERY_EXIT_WAIT`` seconds) for the calls this process submitted, as
+        ``concurrent.futures`` waits for its pending futures; say loudly what is left."""
+        if not self.services.owner or self._watcher is None or self._watcher_pid != os.getpid():
+            return
+        watcher = self._watcher
+        left = watcher.in_flight()
+        if not left:
+            return
+        bound = self.settings.exit_wait
+        log.warning(
+            "flask-execute: waiting up to %g s for %d unfinished call(s) before the local"
+            " workers stop (CELERY_EXIT_WAIT)",
+            bound,
+            len(left),
+        )
+        deadline = time.monotonic() + bound
+        while left and time.monotonic() < deadline:
+            time.sleep(0.05)
+            left = watcher.in_flight()
+        if not left:
+            return
+        fate = (
+            "lost with the embedded broker, which stops too"
+            if self.embedded_broker is not None
+            else "still queued in the broker: they run when a worker for this app starts"
+        )
+        log.error(
+            "flask-execute: %d call(s) submitted here did not finish before exit, %s: %s",
+            len(left),
+            fate,
+            ", ".join(sorted(left)[:20]) + (" ..." if len(left) > 20 else ""),
+        )
 
     def stop(self, timeout: float = 10.0) -> None:
         with self._start_lock:

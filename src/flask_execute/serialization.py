@@ -9,6 +9,7 @@ dispatch task. When something cannot be pickled, the error names the culprit.
 
 from __future__ import annotations
 
+import collections
 import importlib
 import inspect
 import pickle
@@ -22,6 +23,7 @@ import cloudpickle
 
 from .errors import RemoteError
 from .errors import SerializationError
+from .sources import reduce_code
 
 __all__ = [
     "dump_call",
@@ -99,6 +101,10 @@ class _TrackingPickler(cloudpickle.Pickler):  # type: ignore[misc]
 
     by_value = False
     models: str | None = None
+    # code objects sent by value keep their file name and source lines (sources.py)
+    dispatch_table: t.ClassVar[t.Mapping[type, t.Any]] = collections.ChainMap(
+        {types.CodeType: reduce_code}, cloudpickle.Pickler.dispatch_table
+    )
 
     def reducer_override(self, obj: object) -> object:
         ref = _known_proxies().get(id(obj))

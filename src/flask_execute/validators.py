@@ -21,6 +21,7 @@ __all__ = [
     "port",
     "positive_int",
     "positive_number",
+    "seconds_or_zero",
 ]
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", "FATAL")
@@ -88,3 +89,13 @@ def path(key: str, value: object) -> str | None:
     if isinstance(value, (str, os.PathLike)):
         return os.fspath(value)
     fail(key, "a directory path or None", value)
+
+
+def seconds_or_zero(key: str, value: object) -> float:
+    if (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and 0 <= value < float("inf")
+    ):
+        return float(value)
+    fail(key, "a number of seconds (0 or more)", value)

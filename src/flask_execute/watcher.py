@@ -27,27 +27,21 @@ import logging
 import threading
 import time
 import typing as t
-import uuid
 import weakref
 
-from celery.backends.redis import RedisBackend
 from celery.exceptions import SecurityError
 from kombu.exceptions import ContentDisallowed
 from kombu.exceptions import SerializationError
 
-from .claims import claim_key
-from .envelopes import REPLY_PREFIX
-from .outcomes import EXPIRED
-from .outcomes import read_state
-from .outcomes import UNREADABLE
 from .outcomes import unreadable
 
-__all__ = ["Deliver", "Watcher", "make_watcher", "stop_all"]
+__all__ = ["SWEEP_EVERY", "Deliver", "PollingWatcher", "Watcher", "stop_all"]
 
 log = logging.getLogger(__name__)
 
-_WAKE = b"flask-execute:wake"
-_SWEEP_EVERY = 5.0
+#: Seconds between two sweeps (one fetch of every pending state) of a watcher.
+SWEEP_EVERY = 5.0
+_ORPHAN_TTL = 3600.0
 _FINAL = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
 # what a Celery backend raises for a stored state it cannot decode (as opposed to
 # not reaching its store): that task's failure alone
@@ -80,14 +74,23 @@ def stop_all() -> None:
 
 
 class _Entry:
-    """Who waits on one task id here."""
+    """Who waits on one task id here. A call of this process stays tracked until it is
+    final even when its futures are gone (the exit wait needs to know it is in
+    flight), for at most :data:`_ORPHAN_TTL` seconds."""
 
-    __slots__ = ("foreign", "handlers", "held")
+    __slots__ = ("created", "foreign", "handlers", "held")
 
     def __init__(self, foreign: bool) -> None:
         self.foreign = foreign
+        self.created = time.monotonic()
         self.handlers: list[weakref.ref[t.Any]] = []
         self.held: list[t.Any] = []
+
+    def orphaned(self, now: float) -> bool:
+        """Nobody waits any more, and nothing needs the entry."""
+        if self.live():
+            return False
+        return self.foreign or now - self.created > _ORPHAN_TTL
 
     def add(self, handler: t.Any) -> None:
         if not any(ref() is handler for ref in self.handlers):
@@ -118,7 +121,7 @@ class Watcher:
         _watchers.add(self)
 
     def __len__(self) -> int:
-        """How many task ids someone here still waits on."""
+        """How many task ids are still followed here."""
         with self._lock:
             self._prune()
             return len(self._entries)
@@ -165,9 +168,17 @@ class Watcher:
             self._drop(task_id)
 
     def pending_ids(self) -> list[str]:
+        """Every task id still followed here."""
         with self._lock:
             self._prune()
             return list(self._entries)
+
+    def in_flight(self) -> list[str]:
+        """The calls this process submitted that are not final yet (whether or not
+        anyone still holds their futures)."""
+        with self._lock:
+            self._prune()
+            return [tid for tid, entry in self._entries.items() if not entry.foreign]
 
     def _waits_on(self, task_id: str) -> bool:
         with self._lock:
@@ -178,8 +189,9 @@ class Watcher:
         self._entries.pop(task_id, None)
 
     def _prune(self) -> None:
-        """Forget the entries whose handlers are all gone (lock held)."""
-        for task_id in [tid for tid, e in self._entries.items() if not e.live()]:
+        """Forget the entries nobody needs any more (lock held)."""
+        now = time.monotonic()
+        for task_id in [tid for tid, e in self._entries.items() if e.orphaned(now)]:
             self._drop(task_id)
 
     def _deliver(self, task_id: str, meta: dict[str, t.Any]) -> None:
@@ -188,7 +200,7 @@ class Watcher:
             if entry is None:
                 return
             handlers = entry.live()
-            if meta.get("status") in _FINAL or not handlers:
+            if meta.get("status") in _FINAL:
                 self._drop(task_id)
         for handler in handlers:
             try:
@@ -208,173 +220,6 @@ class Watcher:
 
     def stop(self) -> None:
         self._stopping.set()
-
-
-class RedisWatcher(Watcher):
-    """The Redis implementation: one pub/sub connection, one thread."""
-
-    def __init__(self, backend: t.Any, deliver: Deliver, connect_timeout: float = 10.0) -> None:
-        super().__init__(deliver)
-        self._backend = backend
-        self._connect_timeout = connect_timeout
-        prefix = backend.task_keyprefix
-        self._prefix: bytes = prefix if isinstance(prefix, bytes) else prefix.encode()
-        self.reply_channel = f"{REPLY_PREFIX}{uuid.uuid4().hex}"
-        self._reply = self.reply_channel.encode()
-        self._subscribed = threading.Event()
-        self._error: BaseException | None = None
-        # foreign result channels: wanted, subscribed (acknowledged), and waited for
-        self._channels: set[bytes] = set()
-        self._ready: set[bytes] = set()
-        self._acked: dict[bytes, threading.Event] = {}
-
-    def _drop(self, task_id: str) -> None:
-        entry = self._entries.pop(task_id, None)
-        if entry is not None and entry.foreign:
-            self._channels.discard(self._prefix + task_id.encode())
-
-    def ensure_running(self) -> None:
-        if self._thread is None or not self._thread.is_alive():
-            with self._lock:
-                if self._thread is None or not self._thread.is_alive():
-                    self._subscribed.clear()
-                    self._thread = threading.Thread(
-                        target=self._run, name="flask-execute-watcher", daemon=True
-                    )
-                    self._thread.start()
-        # Calls published before the subscription exists could finish unseen.
-        if not self._subscribed.wait(self._connect_timeout):
-            raise ConnectionError(
-                "flask-execute could not subscribe to result notifications on the"
-                f" result backend: {self._error!r}"
-            )
-
-    def _follow(self, task_id: str) -> None:
-        channel = self._prefix + task_id.encode()
-        with self._lock:
-            if task_id not in self._entries:
-                return  # final already (fetched): nothing to follow
-            self._channels.add(channel)
-            if channel in self._ready:
-                return
-            acked = self._acked.setdefault(channel, threading.Event())
-        # wake the thread (blocked reading its connection) with a message of its own
-        self._backend.client.publish(self._reply, _WAKE)
-        if acked.wait(self._connect_timeout):
-            self._fetch([task_id])  # what was stored before the subscription took hold
-
-    def _fetch(self, task_ids: list[str]) -> None:
-        """Deliver the stored state of each task id; a task whose claim says it finished
-        but whose result is gone gets :data:`EXPIRED`."""
-        client = self._backend.client
-        for start in range(0, len(task_ids), 250):
-            batch = task_ids[start : start + 250]
-            keys = [self._prefix + tid.encode() for tid in batch]
-            keys += [claim_key(tid).encode() for tid in batch]
-            values = client.mget(keys)
-            for i, tid in enumerate(batch):
-                value, claim = values[i], values[len(batch) + i]
-                if value is not None:
-                    self._deliver(tid, _read(tid, value))
-                elif claim == b"done":
-                    self._deliver(tid, EXPIRED)
-
-    def _on_message(self, channel: bytes, data: bytes) -> None:
-        """One published state: decoded only if someone here waits on its task."""
-        if channel == self._reply:
-            if data == _WAKE:
-                return
-            meta = _read("?", data)
-            task_id = meta.get("task_id")
-            if isinstance(task_id, str) and self._waits_on(task_id):
-                self._deliver(task_id, meta)
-            return
-        try:
-            task_id = channel[len(self._prefix) :].decode()
-        except UnicodeDecodeError:
-            return  # no task id of ours: ours are text
-        if self._waits_on(task_id):
-            self._deliver(task_id, _read(task_id, data))
-
-    def _sync_channels(self, pubsub: t.Any, current: set[bytes]) -> None:
-        """Subscribe to the foreign channels wanted, unsubscribe from the others."""
-        with self._lock:
-            wanted = set(self._channels)
-        add, remove = wanted - current, current - wanted
-        if add:
-            pubsub.subscribe(*add)
-            current |= add
-        if remove:
-            pubsub.unsubscribe(*remove)
-            current -= remove
-            with self._lock:
-                self._ready -= remove
-
-    def _run(self) -> None:
-        backoff = 0.1
-        while not self._stopping.is_set():
-            pubsub = None
-            current: set[bytes] = set()
-            with self._lock:
-                self._ready.clear()  # a new connection has no subscription yet
-            try:
-                pubsub = self._backend.client.pubsub()
-                pubsub.subscribe(self._reply)
-                # wait for the subscription to be acknowledged before going live
-                deadline = time.monotonic() + 10
-                while True:
-                    ack = pubsub.get_message(timeout=0.5)
-                    if ack is not None and ack.get("type") == "subscribe":
-                        break
-                    if time.monotonic() > deadline:
-                        raise TimeoutError("no acknowledgement of the result subscription")
-                self._subscribed.set()
-                self._sync_channels(pubsub, current)
-                if backoff > 0.1:  # reconnected: catch up on what we missed
-                    self._fetch(self.pending_ids())
-                backoff = 0.1
-                last_sweep = time.monotonic()
-                while not self._stopping.is_set():
-                    message = pubsub.get_message(timeout=1.0)
-                    if message is not None:
-                        kind = message.get("type")
-                        if kind == "message":
-                            self._on_message(message["channel"], message["data"])
-                        elif kind == "subscribe":
-                            with self._lock:
-                                self._ready.add(message["channel"])
-                                acked = self._acked.pop(message["channel"], None)
-                            if acked is not None:
-                                acked.set()
-                    self._sync_channels(pubsub, current)
-                    now = time.monotonic()
-                    if now - last_sweep > _SWEEP_EVERY:
-                        last_sweep = now
-                        pending = self.pending_ids()
-                        if pending:
-                            self._fetch(pending)
-            except Exception as exc:
-                self._error = exc
-                if self._stopping.is_set():
-                    break
-                if not self.pending_ids():
-                    # nobody waits: stop quietly; the next watch() starts a new thread
-                    self._subscribed.clear()
-                    return
-                (log.warning if backoff >= 1.0 else log.debug)(
-                    "flask-execute: result watcher lost the result backend (%r);"
-                    " reconnecting in %.1f s",
-                    exc,
-                    backoff,
-                )
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
-            finally:
-                if pubsub is not None:
-                    try:
-                        pubsub.close()
-                    except Exception:  # pragma: no cover
-                        pass
 
 
 class PollingWatcher(Watcher):
@@ -423,18 +268,3 @@ class PollingWatcher(Watcher):
             if self._wake.is_set():
                 self._wake.clear()
                 delay = 0.01
-
-
-def _read(task_id: str, data: bytes) -> dict[str, t.Any]:
-    meta = read_state(data)
-    if UNREADABLE in meta:  # forged: fails that future alone
-        log.warning("flask-execute: unreadable state stored for task %s", task_id)
-    return meta
-
-
-def make_watcher(backend: t.Any, deliver: Deliver, connect_timeout: float = 10.0) -> Watcher:
-    """The watcher suited to ``backend`` (a Celery result backend instance), handing
-    every state it sees for a task someone here waits on to ``deliver``."""
-    if isinstance(backend, RedisBackend):
-        return RedisWatcher(backend, deliver, connect_timeout)
-    return PollingWatcher(backend, deliver)

@@ -28,9 +28,9 @@ total                  99        59
 =====================  ========  ==========
 
 The tests of issue 11's own list that CPython has no test for are here too, next to
-the CPython tests they belong with. Every test failing on the code of issue 11's
-filing is marked ``xfail(strict=True, reason="issue 11: ...")``: it turns into a
-failure the moment it passes, and the marker goes with the fix.
+the CPython tests they belong with. On the code of issue 11's filing, 49 of the 59
+applicable CPython tests and 3 of the 9 added ones passed; all pass since the results
+redesign.
 
 ``support`` holds what the workers run (importable, so it travels by reference);
 ``conftest`` the executors and the futures in CPython's canned states.

@@ -62,11 +62,9 @@ def celery(direct_app: t.Any) -> Iterator[t.Any]:
 
 
 def _close(executor: concurrent.futures.Executor, remote: Remote) -> None:
-    # CPython's tearDown is shutdown(wait=True). Here the wait is left out: tests
-    # marked xfail for issue 11 leave cancelled futures that never count as done, and
-    # a hanging teardown would turn their expected failure into an error.
+    # CPython's tearDown: shutdown(wait=True) (cancelling what is still queued)
     remote.release_all()
-    executor.shutdown(wait=False, cancel_futures=True)
+    executor.shutdown(wait=True, cancel_futures=True)
 
 
 @pytest.fixture

@@ -144,11 +144,6 @@ def _collected(wr: weakref.ref, timeout: float) -> bool:
         time.sleep(0.01)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 11: executor.map's iterator keeps the last result alive until the"
-    " next next() (its generator frame still holds the popped future)",
-)
 def test_free_reference(executor):
     for obj in executor.map(support.make_dummy_object, range(10), timeout=SHORT):
         wr = weakref.ref(obj)
@@ -171,11 +166,6 @@ def test_map_submits_without_iteration(executor, remote):
 # so two calls ("first-a", "first-b") saturate it. The map's calls are queued behind
 # them; the iterator times out at once: the call it timed out on ("second") and the
 # one left ("third") are cancelled and never run.
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 11: executor.map's iterator, on timeout, does not cancel the call it"
-    " was waiting on: it runs once the pool frees up",
-)
 def test_executor_map_current_future_cancel(celery, remote):
     stop_event = remote.event()
     log = remote.list()
@@ -240,11 +230,6 @@ class Raiser:
 # futures.process._RemoteTraceback is flask_execute.RemoteTraceback). Raiser is
 # importable, yet its classmethod travels by value (cloudpickle cannot find a bound
 # method by its qualified name), which is issue 11's case.
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 11: a classmethod travels by value, and remote tracebacks of"
-    ' functions sent by value show File "<dynamic-code>" without the source line',
-)
 def test_traceback(executor, capsys):
     future = executor.submit(Raiser._test_traceback)
     with pytest.raises(Exception) as cm:
@@ -287,11 +272,6 @@ def test_error_during_func_exec_on_worker(executor):
 # TaskTimeoutError('not done after None s (state FAILURE)') through result()". The
 # task's own exception, with its own type; a timeout error only when we timed out.
 # (CPython's main branch has the map side as ExecutorTest.test_map_timeout_from_callable.)
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 11: a task raising TimeoutError reaches result() as TaskTimeoutError"
-    " ('not done after ... (state FAILURE)'), not as its own TimeoutError",
-)
 def test_task_timeout_error_is_the_tasks_own(executor):
     future = executor.submit(support.timeout_on_one, 1)
     assert type(future.exception(timeout=SHORT)) is TimeoutError
@@ -333,11 +313,6 @@ def _local_classmethod():
 # issue 11: "tracebacks of functions sent by value (closures, lambdas, __main__,
 # classmethods) show File "<dynamic-code>" without source lines". The by-value
 # counterpart of test_traceback above (__main__ is in test_shutdown.py's scripts).
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 11: remote tracebacks of functions sent by value show"
-    ' File "<dynamic-code>" without the source line',
-)
 @pytest.mark.parametrize(
     ("make", "line"),
     [

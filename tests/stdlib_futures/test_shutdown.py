@@ -58,11 +58,6 @@ def test_hang_issue12364(executor):
 
 # CPython test_shutdown.py: ExecutorShutdownTest.test_cancel_futures (two worker
 # slots: "few workers")
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 11: shutdown(cancel_futures=True) hangs: the futures it cancels"
-    " never count as done for its wait()",
-)
 def test_cancel_futures(executor):
     fs = [executor.submit(time.sleep, 0.1) for _ in range(50)]
     assert support.finishes(lambda: executor.shutdown(cancel_futures=True), HANG), (
@@ -264,11 +259,6 @@ def script(tmp_path, broker_url, redis_url, log_dir):
 # exits is a race, so a second call is queued behind it on the one worker slot: at
 # exit it has certainly not started. CPython asserts an empty stderr; a bounded wait
 # at exit may be logged, so here: no traceback.
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 11: a script that submits and exits loses its queued call (its"
-    " local worker is stopped at exit, the call is requeued and never run)",
-)
 def test_interpreter_shutdown(script):
     done = script.run(
         """
@@ -287,11 +277,6 @@ def test_interpreter_shutdown(script):
 # CPython test_shutdown.py: ExecutorShutdownTest.test_submit_after_interpreter_shutdown
 # (the exit hook is registered before flask_execute is imported, so it runs after
 # flask_execute's own exit hooks, as CPython's runs after concurrent.futures')
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 11: submit() from an exit hook is accepted (and restarts the local"
-    " workers during interpreter shutdown) instead of raising RuntimeError",
-)
 def test_submit_after_interpreter_shutdown(script):
     done = script.run(
         """
@@ -320,11 +305,6 @@ def test_submit_after_interpreter_shutdown(script):
 # CPython test_shutdown.py: ExecutorShutdownTest.test_hang_gh83386 (shutdown(wait=False)
 # does not hang at exit with running futures, and they still complete); a second
 # call queued behind the first, as in test_interpreter_shutdown
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 11: a script that submits, calls shutdown(wait=False) and exits"
-    " loses its queued call (its local worker is stopped at exit)",
-)
 def test_hang_gh83386(script):
     done = script.run(
         """
@@ -360,11 +340,6 @@ def test_cancel_futures_wait_false(script):
 
 # issue 11: "tracebacks of functions sent by value (closures, lambdas, __main__,
 # classmethods) show File "<dynamic-code>" without source lines" -- the __main__ case
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 11: the remote traceback of a __main__ function shows"
-    ' File "<dynamic-code>" without the source line',
-)
 def test_main_function_traceback_shows_source_line(script, direct_app):
     done = script.run(
         """

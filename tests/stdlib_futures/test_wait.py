@@ -20,8 +20,6 @@ from concurrent.futures._base import CANCELLED_AND_NOTIFIED
 from concurrent.futures._base import FINISHED
 from concurrent.futures._base import PENDING
 
-import pytest
-
 from tests.stdlib_futures import support
 from tests.stdlib_futures.conftest import SHORT
 
@@ -214,11 +212,6 @@ def test_pending_calls_race(executor, remote):
 # as_completed()" (10 cancelled futures: done() True, wait(timeout=5) -> 0 done).
 # The stdlib's executors notify a cancelled future when they drop its work item, so
 # wait() and as_completed() see it; the calls here are queued behind two busy workers.
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 11: a future cancelled while queued stays CANCELLED, never"
-    " CANCELLED_AND_NOTIFIED: wait()/as_completed() never count it as done",
-)
 def test_cancelled_while_queued_counts_as_done(executor, remote):
     release = remote.event()
     blockers = [executor.submit(support.wait_for, release) for _ in range(2)]
