@@ -21,8 +21,8 @@ from flask import current_app
 from flask.cli import AppGroup
 from flask.cli import with_appcontext
 
-from .local import flower_login
-from .local import FLOWER_LOGIN_ENV
+from .flower import flower_login
+from .flower import FLOWER_LOGIN_ENV
 from .processes import make_private_dir
 from .runtime import Runtime
 from .worker_options import worker_argv
