@@ -9,7 +9,6 @@ import os
 import signal
 import time
 
-import pytest
 import redis
 from flask import Flask
 from kombu import Exchange
@@ -84,7 +83,7 @@ def test_a_worker_that_keeps_dying_is_given_up_with_its_log(
             (child,) = services.children
             os.kill(child.pid, signal.SIGKILL)
             wait_until(
-                lambda: services.given_up or services.children[0].pid != child.pid,
+                lambda pid=child.pid: services.given_up or services.children[0].pid != pid,
                 20,
                 "a restart",
             )
@@ -101,9 +100,10 @@ def test_a_worker_that_keeps_dying_is_given_up_with_its_log(
 
 
 def test_a_channel_closed_after_its_connection_still_gives_messages_back(broker_url):
-    # kombu's Connection.close() detaches the transport (transport.client = None);
-    # a channel closed after that (Celery's consumer closes some while reconnecting) closing it raised AttributeError
-    # ('NoneType' object has no attribute 'hostname') and stopped the worker
+    # kombu's Connection.close() detaches the transport (transport.client = None); a
+    # channel closed after that (Celery's consumer closes some while reconnecting)
+    # raised AttributeError ('NoneType' object has no attribute 'hostname'): the
+    # worker stopped
     queue = Queue("survival-detached", Exchange("survival-detached"), "survival-detached")
     connection = Connection(broker_url)
     try:
