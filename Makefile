@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed-$(EXTRA)
 LINT_PATHS := src tests examples $(wildcard bench)
 
 .DEFAULT_GOAL := test
-.PHONY: venv demo serve test lint format bench docs clean
+.PHONY: venv demo serve test lint format bench soak docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,10 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+# the fault suite at a larger scale (minutes; not in CI): prints the counts table
+soak: $(STAMP)
+	$(BIN)/python -m tests.soak
 
 docs: $(STAMP)
 	$(BIN)/sphinx-build -W --keep-going -b html docs docs/_build/html

@@ -225,3 +225,83 @@ def test_flower_subprocess_asks_for_a_login(tmp_path, tmp_modules, broker_url, l
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         proc.stdout.close()
+
+
+# --- every documented command: its help, and its exit code when it failed ------------
+def _offline_app(broker_url, **config):
+    from flask import Flask
+
+    from flask_execute import Celery
+
+    app = Flask("cli_offline")
+    app.config.update(SECRET_KEY="x-secret-for-tests", CELERY_BROKER_URL=broker_url,
+                      CELERY_START_LOCAL_WORKERS=False, CELERY_FLOWER=False)  # fmt: skip
+    app.config.update(config)
+    Celery(app)
+    return app
+
+
+@pytest.mark.parametrize(
+    ("command", "shown"),
+    [
+        (["worker"], "--concurrency"),
+        (["beat"], "--max-interval"),
+        (["flower"], "--basic-auth"),
+        (["cluster"], "Ctrl-C"),
+        (["status"], "--timeout"),
+        (["inspect"], "--destination"),
+        (["control"], "--destination"),
+        (["purge"], "--force"),  # any other Celery subcommand
+    ],
+)
+def test_each_documented_command_has_its_help(broker_url, command, shown):
+    result = _offline_app(broker_url).test_cli_runner().invoke(args=["celery", *command, "--help"])
+    assert result.exit_code == 0, result.output
+    # the runner names the program after the app: "Usage: cli_offline celery worker"
+    assert f"Usage: cli_offline celery {command[0]}" in result.output
+    assert shown in result.output
+    assert "Flower login" not in result.output  # --help generates no password
+
+
+def test_worker_exits_1_after_an_unrecoverable_error(tmp_path, tmp_modules):
+    # stock `celery worker` exits 1 here: systemd's Restart=on-failure relies on it
+    config = dict(SECRET_KEY="cli-secret-for-tests", CELERY_BROKER_URL="redis://127.0.0.1:1/0",
+                  CELERY_START_LOCAL_WORKERS=False,
+                  CELERY_BROKER_CONNECTION_MAX_RETRIES=1)  # fmt: skip
+    tmp_modules.write_factory_app("cliapp", config)
+    proc = _flask(["--app", "cliapp:create_app", "celery", "worker", "--pool=solo"], tmp_path)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1, out
+    assert "Unrecoverable error" in out or "Cannot connect" in out
+
+
+def test_control_exit_codes(direct_app, broker_url):
+    runner = direct_app.test_cli_runner()
+    result = runner.invoke(args=["celery", "control", "rate_limit", "no.such.task", "1/m"])
+    assert result.exit_code == 1  # every node replied with an error
+    assert "Every node replied with an error (direct@" in result.output
+    lonely = _offline_app(broker_url).test_cli_runner()
+    result = lonely.invoke(args=["celery", "control", "shutdown", "-t", "0.3"])
+    assert result.exit_code == 1
+    assert "No worker answered." in result.output
+
+
+def test_cluster_waits_for_services_running_elsewhere(tmp_path, tmp_modules, broker_url, log_dir):
+    _write_app(tmp_modules, broker_url, str(tmp_path / "logs"), workers=["elsewhere"])
+    cliapp = tmp_modules.load("cliapp")
+    app = cliapp.create_app()
+    with app.app_context():
+        cliapp.celery.start()  # this process holds the services of the app
+        proc = _flask(["--app", "cliapp:create_app", "celery", "cluster"], tmp_path)
+        try:
+            _wait_for(proc, "another process on this host already runs")
+            time.sleep(1.0)
+            assert proc.poll() is None  # it waits, as docs/cli.md says
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()
+            cliapp.celery.stop()

@@ -3,10 +3,17 @@
 
 Every ``CELERY_*`` key that is not one of flask-execute's own reaches Celery, by
 Celery's own table of old names or by dropping the ``CELERY_`` prefix; serializers are
-forced to JSON. On top come the settings flask-execute needs (bounded broker retries,
-prompt redelivery for at-least-once calls, a retried result store), our worker consumer
-and transports (:mod:`flask_execute.admission`) and our result backend
-(:mod:`flask_execute.backend`).
+forced to JSON. On top come the settings flask-execute needs (bounded broker retries for the web
+process's ``submit``, prompt redelivery for at-least-once calls, a retried result
+store), our worker consumer and transports (:mod:`flask_execute.admission`) and our
+result backend (:mod:`flask_execute.backend`).
+
+Broker retries, two policies: a web process publishing a call fails fast (two quick
+retries, then :class:`~flask_execute.errors.BrokerUnavailable`), while a worker or beat
+reconnects for as long as plain Celery does (``broker_connection_max_retries``, 100
+tries with a growing pause: about 50 minutes). The fast policy is the default of every
+process; :func:`serve_long` drops it when a worker or beat of this app starts
+(``worker_init`` / ``beat_init``), however it was started.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import typing as t
+import weakref
 from collections.abc import Mapping
 
 import celery as celery_module
@@ -32,7 +40,7 @@ from .dispatch import SafeRequest
 from .dispatch import Worker
 from .errors import ConfigurationError
 
-__all__ = ["CeleryApp", "build", "celery_settings"]
+__all__ = ["FAIL_FAST", "VISIBILITY_TIMEOUT", "CeleryApp", "build", "celery_settings", "serve_long"]
 
 
 @dataclasses.dataclass
@@ -65,29 +73,30 @@ def build(
     dispatch tasks, whose body runs with ``worker()`` (called on each run: the codec and
     claims it gives are built once, by the caller, after this app exists).
 
-    :raises ConfigurationError: the config asks Celery for pickle, or for a time limit
-        that outlives the Redis visibility timeout of at-least-once tasks.
+    :raises ConfigurationError: the config asks Celery for pickle.
     """
     task_class = make_task_class(app, base_task)
     controller = celery_module.Celery(app.import_name, task_cls=task_class, set_as_current=False)
     timeout = settings.broker_timeout
-    retry = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}
     conf: dict[str, object] = {
         "broker_url": broker_url,
         "result_backend": backend_url,
         "task_track_started": True,
         "broker_connection_retry_on_startup": True,
         "broker_connection_timeout": timeout,
-        "broker_connection_max_retries": 2,
         # kombu scans for unacknowledged messages to redeliver only every 100 s by
-        # default; every 10 s makes at-least-once recovery prompt
+        # default; every 10 s makes at-least-once recovery prompt. Workers renew the
+        # leases of the messages they hold on each scan (leases.py), so a visibility
+        # timeout of minutes bounds how long a dead worker's messages wait without
+        # limiting how long a task may run.
         "broker_transport_options": {
+            "visibility_timeout": VISIBILITY_TIMEOUT,
             "socket_connect_timeout": timeout,
             "unacked_restore_interval": 10,
             "unacked_restore_throttle": 1,
-            **retry,
+            **FAIL_FAST,
         },
-        "task_publish_retry_policy": retry,
+        "task_publish_retry_policy": FAIL_FAST,
         "redis_socket_connect_timeout": timeout,
         # a result backend blip while a worker stores a result: retry, bounded
         "result_backend_always_retry": True,
@@ -117,10 +126,51 @@ def build(
         controller, base, worker, DISPATCH_LATE, acks_late=True, reject_on_worker_lost=True
     )
     visibility = _visibility_timeout(controller, broker_url)
-    _check_time_limit(controller, visibility)
+    serve_long(controller, set(t.cast(dict[str, t.Any], user_transport)))
     return CeleryApp(
         controller, dispatch, dispatch_late, visibility, getattr(base_task, "queue", None)
     )
+
+
+#: Seconds after which Redis gives back a message whose worker stopped renewing its
+#: lease (kombu's default is 3600).
+VISIBILITY_TIMEOUT = 300
+
+#: The web process's retry policy for publishing (and for any broker connection it
+#: opens): two quick retries, then the caller gets ``BrokerUnavailable``.
+FAIL_FAST: dict[str, float] = {
+    "max_retries": 2,
+    "interval_start": 0,
+    "interval_step": 0.2,
+    "interval_max": 0.5,
+}
+
+
+def serve_long(controller: celery_module.Celery, user_keys: set[str]) -> None:
+    """When a worker or beat of ``controller`` starts, give up the web process's
+    fail-fast broker retries (those of :data:`FAIL_FAST` the user did not set in
+    ``CELERY_BROKER_TRANSPORT_OPTIONS``): it then reconnects as plain Celery does.
+    (Publishing from inside a task keeps the fast policy: the task reports it.)"""
+    from celery import signals
+
+    # the signal must not keep an app alive
+    ref: weakref.ref[celery_module.Celery] = weakref.ref(controller)
+
+    def long_lived(sender: t.Any = None, **_: t.Any) -> None:
+        owner = ref()
+        if owner is None or getattr(sender, "app", None) is not owner:
+            return
+        conf = t.cast(t.Any, owner).conf
+        options = dict(conf.broker_transport_options or {})
+        for key in FAIL_FAST:
+            if key not in user_keys:
+                options.pop(key, None)
+        conf.broker_transport_options = options
+
+    # held by the controller itself: the connection is weak and dies with the app
+    controller.flask_execute_long_lived = long_lived
+    signals.worker_init.connect(long_lived)
+    signals.beat_init.connect(long_lived)
 
 
 def _register(
@@ -155,19 +205,7 @@ def _visibility_timeout(controller: t.Any, broker_url: str) -> float | None:
     if not broker_url.startswith(("redis", "rediss")):
         return None
     options = controller.conf.broker_transport_options or {}
-    return float(options.get("visibility_timeout", 3600))
-
-
-def _check_time_limit(controller: t.Any, visibility: float | None) -> None:
-    conf = controller.conf
-    limit = conf.task_time_limit
-    if visibility is not None and conf.task_acks_late and limit and limit >= visibility:
-        raise ConfigurationError(
-            f"'CELERY_TASK_TIME_LIMIT' ({limit} s) must be shorter than the Redis visibility"
-            f" timeout ({visibility:g} s, CELERY_BROKER_TRANSPORT_OPTIONS['visibility_timeout'])"
-            " when tasks are acknowledged late: a task still running when it expires is"
-            " delivered again and runs twice."
-        )
+    return float(options.get("visibility_timeout", VISIBILITY_TIMEOUT))
 
 
 # Celery serializes with JSON everywhere: calls and results travel as signed envelopes

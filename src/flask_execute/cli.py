@@ -21,8 +21,8 @@ from flask import current_app
 from flask.cli import AppGroup
 from flask.cli import with_appcontext
 
-from .local import flower_login
-from .local import FLOWER_LOGIN_ENV
+from .flower import flower_login
+from .flower import FLOWER_LOGIN_ENV
 from .processes import make_private_dir
 from .runtime import Runtime
 from .worker_options import worker_argv
@@ -45,9 +45,20 @@ def _extension() -> t.Any:
 
 
 def _run_celery(argv: list[str]) -> t.NoReturn:
-    """Run Celery's own CLI in this process, with this app's Celery app."""
-    code = _state().controller.start(argv)
-    sys.exit(code or 0)
+    """Run Celery's own CLI in this process, with this app's Celery app, and exit
+    with its exit code (``celery.Celery.start`` drops it: a worker stopped by an
+    unrecoverable error exited 0). Its usage lines read ``flask celery ...``."""
+    from celery.bin.celery import celery as command
+
+    group = _group_path()
+    command.params[0].default = _state().controller  # what Celery.start() does
+    try:
+        code = command.main(args=argv, prog_name=group, standalone_mode=False)
+    except click.exceptions.Exit as exc:  # pragma: no cover - click returns it
+        code = exc.exit_code
+    finally:
+        command.params[0].default = None
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 class CeleryGroup(AppGroup):
@@ -131,6 +142,9 @@ def flower(args: tuple[str, ...]) -> None:
     """Run Flower on CELERY_FLOWER_ADDRESS:CELERY_FLOWER_PORT, behind the login of
     CELERY_FLOWER_BASIC_AUTH (or a generated one, printed here)."""
     settings = _state().settings
+    if "--help" in args or "-h" in args:
+        _flower_help(settings.flower_address, settings.flower_port)
+        return
     login, generated = flower_login(settings.flower_basic_auth)
     os.environ[FLOWER_LOGIN_ENV] = login  # Flower reads it; never on a command line
     if generated is not None:
@@ -141,6 +155,39 @@ def flower(args: tuple[str, ...]) -> None:
         )
     defaults = [f"--address={settings.flower_address}", f"--port={settings.flower_port}"]
     _run_celery(["flower", *defaults, *args])
+
+
+def _group_path() -> str:
+    ctx = click.get_current_context(silent=True)
+    return ctx.parent.command_path if ctx is not None and ctx.parent else "flask celery"
+
+
+def _flower_help(address: str, port: int) -> None:
+    """Flower's own options (Tornado options: Flower's click command lists none)."""
+    click.echo(
+        f"Usage: {_group_path()} flower [--option=value ...]\n\n"
+        "  Run Flower for this app, behind a login (CELERY_FLOWER_BASIC_AUTH, or one"
+        " generated\n  and printed once). Defaults: --address="
+        f"{address} --port={port} (CELERY_FLOWER_ADDRESS,\n  CELERY_FLOWER_PORT);"
+        " options given here win.\n"
+    )
+    try:
+        from flower.options import options
+    except ImportError:
+        raise click.ClickException(
+            "Flower is not installed: pip install 'flask-execute[flower]'."
+        ) from None
+    import io
+
+    out = io.StringIO()
+    options.print_help(out)
+    # Tornado prints every module's options under its file name: keep Flower's
+    text = out.getvalue()
+    marker = os.path.join("flower", "options.py options:")
+    start = text.find(marker)
+    if start >= 0:
+        text = "Flower's options:" + text[start + len(marker) :]
+    click.echo(text.rstrip())
 
 
 @celery_cli.command()
@@ -179,12 +226,24 @@ def _remote(kind: str, command: str, args: tuple[str, ...], timeout: float,
         method = getattr(proxy, command)
     except AttributeError as exc:
         raise click.UsageError(str(exc)) from None
-    replies = method(
-        *[_value(a) for a in args], timeout=timeout, destination=list(destination) or None
-    )
+    nodes = list(destination) or None
+    if command == "shutdown":
+        # workers do not answer a shutdown: ask who is there first
+        replies = {
+            node: {"ok": "shutting down"}
+            for node in extension.inspect.ping(timeout=timeout, destination=nodes)
+        }
+        if replies:
+            method(timeout=timeout, destination=list(replies))
+    else:
+        replies = method(*[_value(a) for a in args], timeout=timeout, destination=nodes)
     click.echo(json.dumps(replies, indent=2, sort_keys=True, default=str))
-    if not replies and command != "shutdown":  # shutdown is never answered
+    if not replies:
         click.echo("No worker answered.", err=True)
+        sys.exit(1)
+    failed = [n for n, r in replies.items() if isinstance(r, dict) and set(r) == {"error"}]
+    if len(failed) == len(replies):
+        click.echo(f"Every node replied with an error ({', '.join(sorted(failed))}).", err=True)
         sys.exit(1)
 
 
@@ -232,22 +291,20 @@ def cluster() -> None:
 
     previous = signal.signal(signal.SIGTERM, stop_signal)
     code = 0
-    children: list[t.Any] = []
     try:
         services.start()
         if not services.owner:
             click.echo(
                 "[cluster] another process on this host already runs this app's services"
-                f" (lock in {state.runtime_dir}); nothing to do here.",
+                f" (lock in {state.runtime_dir}); its workers answer. Waiting: this"
+                " command takes over if that process ends (Ctrl-C stops waiting).",
                 err=True,
             )
-            code = 1
-        else:
-            children = services.children
-            code = _supervise(services, sizes)
+        code = _supervise(services, sizes)
     except KeyboardInterrupt:
         click.echo("[cluster] stopping")
     finally:
+        children = services.children
         services.stop(timeout=10)
         _stream(children, sizes)  # what they wrote while stopping
         signal.signal(signal.SIGTERM, previous)
@@ -255,17 +312,20 @@ def cluster() -> None:
 
 
 def _supervise(services: t.Any, sizes: dict[str, int]) -> int:
-    """Stream logs until a service dies (exit code 1) or we are interrupted."""
-    names = ", ".join(c.name for c in services.children)
-    click.echo(f"[cluster] running {names} (Ctrl-C stops)")
-    if services.flower_url:
-        click.echo(f"[cluster] Flower: {services.flower_url}")
+    """Stream logs until a service is given up (exit code 1) or we are interrupted.
+    Dead services are restarted by the local-services supervisor."""
+    announced = False
     while True:
+        if services.owner and not announced:
+            names = ", ".join(c.name for c in services.children)
+            click.echo(f"[cluster] running {names} (Ctrl-C stops)")
+            if services.flower_url:
+                click.echo(f"[cluster] Flower: {services.flower_url}")
+            announced = True
         _stream(services.children, sizes)
-        dead = [c for c in services.children if not c.alive()]
-        if dead:
-            for child in dead:
-                click.echo(f"[cluster] {child.name} exited ({child.process.returncode})")
+        if services.given_up:
+            for name in services.given_up:
+                click.echo(f"[cluster] {name} kept dying; giving up")
             return 1
         time.sleep(0.2)
 

@@ -14,7 +14,6 @@ import atexit
 import dataclasses
 import datetime
 import threading
-import time
 import typing as t
 import uuid
 from collections.abc import Callable
@@ -32,7 +31,6 @@ from .config import Settings
 from .eager import EagerRuns
 from .envelopes import Codec
 from .errors import BrokerUnavailable
-from .errors import ConfigurationError
 from .futures import Chunk
 from .futures import Future
 from .message_fields import lineage
@@ -317,31 +315,15 @@ class Client:
             ) from exc
 
     def dispatch_for(self, options: dict[str, t.Any]) -> Task:
-        """Pick the dispatch task for these options (``acks_late`` is popped) and refuse
-        what would run an at-least-once task twice by design.
+        """Pick the dispatch task for these options (``acks_late`` is popped).
 
-        :raises ConfigurationError: a countdown, ETA or time limit reaches the Redis
-            visibility timeout.
+        (A countdown, ETA or run time longer than the Redis visibility timeout is
+        fine: the worker holding the message renews its lease, :mod:`.leases`.)
         """
         late = options.pop("acks_late", None)
         if late is None:
             late = bool(self.controller.conf.task_acks_late)
-        if not late:
-            return self.celery_app.dispatch
-        limit = self.celery_app.visibility_timeout
-        if limit is not None:
-            wait = _not_before(options)
-            ahead = (wait - time.time()) if wait else 0.0
-            run = options.get("time_limit") or self.controller.conf.task_time_limit or 0
-            if ahead + run >= limit:
-                raise ConfigurationError(
-                    f"An at-least-once task starting in {ahead:.0f} s with a time limit of"
-                    f" {run} s would outlive the Redis visibility timeout ({limit} s): Redis"
-                    " would deliver it again while it waits or runs, and it would run twice."
-                    " Raise CELERY_BROKER_TRANSPORT_OPTIONS['visibility_timeout'] or shorten"
-                    " the countdown/ETA/time limit."
-                )
-        return self.celery_app.dispatch_late
+        return self.celery_app.dispatch_late if late else self.celery_app.dispatch
 
     # --- finding a task again ----------------------------------------------------------
     def get(self, task_id: str) -> Future[t.Any]:

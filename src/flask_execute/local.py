@@ -8,12 +8,16 @@ Policy for children, written down before the code:
   never an unread pipe.
 * Readiness: each worker writes ``R`` to an inherited *ready pipe* from Celery's
   ``worker_ready`` signal. EOF before that means it died: we raise at once with the
-  tail of its log. Nothing polls a CLI.
+  tail of its log. Then ``start()`` waits until every worker answers a broadcast
+  ping (so ``status()`` right after it is exact). Nothing polls a CLI.
 * Parent death: every child inherits the read end of a *lifeline pipe* whose only
   write end lives in this process. When this process dies, however it dies (exit,
   SIGTERM, SIGKILL), the kernel closes it; children read EOF and shut down (warm, then
   cold after a grace period). The embedded Redis runs under a tiny guard process that
   does the same for it.
+* Death: a child that dies on its own is given back its messages and restarted with
+  a backoff, and given up after a bounded number of tries (:mod:`.supervisor` writes
+  the policy down).
 * Stop: SIGTERM to each main process (warm shutdown: running tasks finish), then after
   the timeout SIGQUIT, then SIGKILL to the whole process group; every child is reaped.
   Stop is idempotent; start works again after it.
@@ -27,10 +31,10 @@ from __future__ import annotations
 
 import atexit
 import fcntl
+import functools
 import hashlib
 import logging
 import os
-import secrets
 import socket
 import sys
 import threading
@@ -43,6 +47,8 @@ from .embedded import EmbeddedRedis
 from .embedded import redis_answers
 from .embedded import redis_binary
 from .errors import ServiceStartError
+from .flower import flower_installed
+from .flower import spawn_flower
 from .processes import Child
 from .processes import log_tail
 from .processes import spawn
@@ -50,13 +56,14 @@ from .processes import terminate
 from .processes import wait_ready
 from .rundir import create_private
 from .rundir import open_private
+from .supervisor import Supervised
+from .supervisor import Supervisor
 from .worker_options import worker_argv
 
 __all__ = [
     "EmbeddedRedis",
     "LocalServices",
     "ServiceHost",
-    "flower_login",
     "log_tail",
     "redis_answers",
     "redis_binary",
@@ -69,18 +76,6 @@ BOOT_ENV = "FLASK_EXECUTE_BOOT"
 #: The one-shot key of that child's boot file (environment only: never argv, never disk).
 BOOT_KEY_ENV = "FLASK_EXECUTE_BOOT_KEY"
 LIFELINE_FD_ENV = "FLASK_EXECUTE_LIFELINE_FD"
-#: Flower reads its options from ``FLOWER_*`` variables: the login travels there, not
-#: on its command line (which every local user can read in ``ps``).
-FLOWER_LOGIN_ENV = "FLOWER_BASIC_AUTH"
-
-
-def flower_login(configured: list[str]) -> tuple[str, str | None]:
-    """The value of ``FLOWER_BASIC_AUTH`` for Flower, and the password when we made
-    one up: ``CELERY_FLOWER_BASIC_AUTH``, or user ``flower`` with a random password."""
-    if configured:
-        return ",".join(configured), None
-    password = secrets.token_urlsafe(18)
-    return f"flower:{password}", password
 
 
 # --- the services of one app ---------------------------------------------------------
@@ -106,6 +101,10 @@ class ServiceHost(t.Protocol):
     def ping(self, timeout: float = 1.0, limit: int | None = None) -> dict[str, str]:
         """``{node: "OK"}`` of the workers answering a broadcast ping."""
 
+    def give_back(self, pid: int) -> int:
+        """Give the unacknowledged messages of the dead worker ``pid`` back to the
+        broker; return how many it held."""
+
 
 class LocalServices:
     """Workers (and the embedded Redis) of one app, started once per host."""
@@ -114,7 +113,9 @@ class LocalServices:
         self._state = state
         self._lock = threading.RLock()
         self._children: list[Child] = []
+        self._supervisor: Supervisor | None = None
         self._redis: EmbeddedRedis | None = None
+        self._lifeline_r: int | None = None
         self._lifeline_w: int | None = None
         self._lock_fd: int | None = None
         self._boot_paths: list[str] = []
@@ -130,7 +131,15 @@ class LocalServices:
 
     @property
     def children(self) -> list[Child]:
+        """The services running now (restarted ones replace the dead)."""
+        if self._supervisor is not None:
+            return self._supervisor.children
         return list(self._children)
+
+    @property
+    def given_up(self) -> list[str]:
+        """Services that kept dying and are no longer restarted."""
+        return [s.name for s in self._supervisor.given_up] if self._supervisor else []
 
     @property
     def owner(self) -> bool:
@@ -166,7 +175,7 @@ class LocalServices:
                     self._release_lock()
                     raise
             else:
-                self._wait_for_other(deadline)
+                self._wait_answering(deadline, other=True)
                 self._watch_for_takeover()
             self._running = True
 
@@ -200,38 +209,54 @@ class LocalServices:
         if state.embedded_broker is not None:
             self._redis = state.embedded_broker
             self._redis.start(timeout=max(1.0, deadline - time.monotonic()))
-        read, self._lifeline_w = os.pipe()
-        try:
-            boot = state.boot_content()
-            env = _BootEnv(os.environ, self, boot)
-            env.update(
-                {
-                    CHILD_ENV: "1",
-                    LIFELINE_FD_ENV: str(read),
-                    "PYTHONUNBUFFERED": "1",
-                }
-            )
-            log_dir = settings.log_dir or os.getcwd()
-            started: list[Child] = []
-            for name, options in settings.workers.items():
-                log_path = str(options.get("logfile") or os.path.join(log_dir, f"{name}.log"))
-                options = state.worker_options(name)
-                argv = [
-                    sys.executable, "-m", "celery", "-A", "flask_execute.celery", "worker",
-                    *worker_argv(name, options, settings.log_level),
-                ]  # fmt: skip
-                if "logfile" not in options:
-                    argv.append(f"--logfile={log_path}")
-                child = spawn(name, argv, log_path, env=env, pass_fds=(read,), ready=True)
-                self._children.append(child)
-                started.append(child)
-            if settings.scheduler and state.has_schedule():
-                started.append(self._spawn_beat(env, read, log_dir))
-            if settings.flower:
-                self._spawn_flower(env, read, log_dir)
-        finally:
-            os.close(read)
+        # the read end stays open here too: restarted children inherit it
+        self._lifeline_r, self._lifeline_w = os.pipe()
+        read = self._lifeline_r
+        env = _BootEnv(os.environ, self, state.boot_content())
+        env.update({CHILD_ENV: "1", LIFELINE_FD_ENV: str(read), "PYTHONUNBUFFERED": "1"})
+        log_dir = settings.log_dir or os.getcwd()
+        supervised: list[Supervised] = []
+        for name in settings.workers:
+            spawn_worker = functools.partial(self._spawn_worker, name, env, read, log_dir)
+            child = spawn_worker()
+            supervised.append(Supervised(name, "worker", child, spawn_worker, self._give_back))
+        if settings.scheduler and state.has_schedule():
+            spawn_beat = functools.partial(self._spawn_beat, env, read, log_dir)
+            supervised.append(Supervised("beat", "beat", spawn_beat(), spawn_beat))
+        started = [s.child for s in supervised]
+        self._children.extend(started)
+        if settings.flower and flower_installed():
+            spawn_flower = functools.partial(self._spawn_flower, env, read, log_dir)
+            flower = spawn_flower()
+            self._children.append(flower)
+            supervised.append(Supervised("flower", "Flower", flower, spawn_flower))
         wait_ready(started, deadline)
+        self._wait_answering(deadline)
+        self._supervisor = Supervisor(supervised, settings.start_timeout)
+        self._supervisor.start()
+
+    def _spawn_worker(self, name: str, env: dict[str, str], read: int, log_dir: str) -> Child:
+        state = self._state
+        configured = state.settings.workers[name]
+        log_path = str(configured.get("logfile") or os.path.join(log_dir, f"{name}.log"))
+        options = state.worker_options(name)
+        argv = [
+            sys.executable, "-m", "celery", "-A", "flask_execute.celery", "worker",
+            *worker_argv(name, options, state.settings.log_level),
+        ]  # fmt: skip
+        if "logfile" not in options:
+            argv.append(f"--logfile={log_path}")
+        return spawn(name, argv, log_path, env=env, pass_fds=(read,), ready=True)
+
+    def _give_back(self, child: Child) -> None:
+        """A worker died: its unacknowledged messages go back to their queues now."""
+        count = self._state.give_back(child.pid)
+        if count:
+            log.warning(
+                "flask-execute: gave %d message(s) held by the dead worker %s back to the broker",
+                count,
+                child.name,
+            )
 
     def _spawn_beat(self, env: dict[str, str], read: int, log_dir: str) -> Child:
         """One beat per host (we hold the services lock); its schedule file lives in
@@ -244,81 +269,39 @@ class LocalServices:
             f"--schedule={os.path.join(log_dir, 'celerybeat-schedule')}",
             f"--logfile={log_path}",
         ]  # fmt: skip
-        child = spawn("beat", argv, log_path, env=env, pass_fds=(read,), ready=True)
-        self._children.append(child)
+        return spawn("beat", argv, log_path, env=env, pass_fds=(read,), ready=True)
+
+    def _spawn_flower(self, env: dict[str, str], read: int, log_dir: str) -> Child:
+        child, self.flower_url = spawn_flower(
+            self._state.settings, env, read, log_dir, self._stopping
+        )
         return child
 
-    def _spawn_flower(self, env: dict[str, str], read: int, log_dir: str) -> None:
-        """Flower if installed, behind a login; its readiness is logged (with the
-        login when it was generated), never waited for."""
-        import importlib.util
-
-        settings = self._state.settings
-        if importlib.util.find_spec("flower") is None:
-            log.info(
-                "flask-execute: Flower is not installed (pip install"
-                " 'flask-execute[flower]'); not starting it (CELERY_FLOWER=False hides this)."
-            )
-            return
-        address, port = settings.flower_address, settings.flower_port
-        log_path = os.path.join(log_dir, "flower.log")
-        argv = [
-            sys.executable, "-m", "celery", "-A", "flask_execute.celery", "flower",
-            f"--address={address}", f"--port={port}",
-        ]  # fmt: skip
-        login, generated = flower_login(settings.flower_basic_auth)
-        flower_env = env.copy()  # its own boot file; the login for Flower's eyes only
-        flower_env[FLOWER_LOGIN_ENV] = login
-        child = spawn("flower", argv, log_path, env=flower_env, pass_fds=(read,))
-        self._children.append(child)
-        self.flower_url = f"http://{address}:{port}"
-
-        def announce() -> None:
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and child.alive():
-                try:
-                    socket.create_connection((address, port), timeout=0.5).close()
-                except OSError:
-                    time.sleep(0.1)
-                    continue
-                if generated is None:
-                    log.info("flask-execute: Flower is up at %s", self.flower_url)
-                else:  # a warning: shown even where nobody configured logging
-                    log.warning(
-                        "flask-execute: Flower is up at %s; log in as 'flower' with"
-                        " password %s (generated for this run; CELERY_FLOWER_BASIC_AUTH"
-                        " sets your own)",
-                        self.flower_url,
-                        generated,
-                    )
-                return
-            if not self._stopping.is_set():
-                log.warning(
-                    "flask-execute: Flower did not come up at %s. Last lines of %s:\n%s",
-                    self.flower_url,
-                    log_path,
-                    log_tail(log_path),
-                )
-
-        threading.Thread(target=announce, name="flask-execute-flower", daemon=True).start()
-
-    def _wait_for_other(self, deadline: float) -> None:
-        """Another process holds the lock: wait until its workers answer us."""
+    def _wait_answering(self, deadline: float, other: bool = False) -> None:
+        """Wait until every local worker answers a broadcast ping, so that
+        ``status()`` right after ``start()`` is exact."""
         expected = set(self.expected_nodes())
-        while True:
+        while expected:
             try:
-                seen = set(self._state.ping(timeout=0.5, limit=len(expected)))
+                seen = set(self._state.ping(timeout=0.3, limit=len(expected)))
             except Exception:
                 seen = set()
             if expected <= seen:
                 return
             if time.monotonic() > deadline:
+                missing = sorted(expected - seen)
+                if other:
+                    raise ServiceStartError(
+                        "Another process on this host holds the flask-execute services lock"
+                        f" ({self._state.runtime_dir}) but its workers {missing} did not"
+                        " answer within CELERY_START_TIMEOUT."
+                    )
                 raise ServiceStartError(
-                    "Another process on this host holds the flask-execute services lock"
-                    f" ({self._state.runtime_dir}) but its workers"
-                    f" {sorted(expected - seen)} did not answer within CELERY_START_TIMEOUT."
+                    f"The local workers {missing} started but did not answer a ping within"
+                    " CELERY_START_TIMEOUT; is the broker"
+                    f" ({self._state.broker_url.split('@')[-1]}) reachable from them?"
                 )
-            time.sleep(0.1)
+            time.sleep(0.05)
 
     def _watch_for_takeover(self) -> None:
         """Become the owner when the process that started the services dies."""
@@ -356,12 +339,18 @@ class LocalServices:
             self._running = False
 
     def _stop_owned(self, timeout: float) -> None:
-        if self._children:
-            terminate(self._children, timeout)
-            self._children = []
-        if self._lifeline_w is not None:
-            os.close(self._lifeline_w)
-            self._lifeline_w = None
+        children = self.children
+        if self._supervisor is not None:
+            self._supervisor.stop()  # nothing is restarted while we stop
+            children = self._supervisor.children
+            self._supervisor = None
+        if children:
+            terminate(children, timeout)
+        self._children = []
+        for fd in (self._lifeline_r, self._lifeline_w):
+            if fd is not None:
+                os.close(fd)
+        self._lifeline_r = self._lifeline_w = None
         if self._redis is not None:
             self._redis.stop()
             self._redis = None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -37,6 +38,8 @@ from .dispatch import Worker
 from .envelopes import Codec
 from .errors import BrokerUnavailable
 from .keys import signing_keys
+from .leases import give_back
+from .leases import LeasedQoS
 from .local import CHILD_ENV
 from .local import EmbeddedRedis
 from .local import LocalServices
@@ -299,6 +302,16 @@ class Runtime:
                 ok = isinstance(answer, Mapping) and answer.get("ok") == "pong"
                 out[name] = "OK" if ok else str(answer)
         return out
+
+    def give_back(self, pid: int) -> int:
+        """Give the messages held by the dead local worker ``pid`` back to their
+        queues at once (Redis; RabbitMQ does it by itself when the connection drops);
+        return how many it held."""
+        with self.controller.connection_for_write() as connection:
+            channel = connection.default_channel
+            if not isinstance(channel.qos, LeasedQoS):
+                return 0
+            return give_back(channel, socket.gethostname(), pid)
 
     def status(self, timeout: float = 1.0) -> dict[str, str]:
         """``{"name@host": "OK"}`` for every worker answering a broadcast ping; returns

@@ -29,6 +29,7 @@ from kombu.transport import pyamqp
 from kombu.transport import redis
 from kombu.utils import json as kombu_json
 
+from .leases import LeasedQoS
 from .refusals import alert
 from .refusals import failure
 from .refusals import kind
@@ -151,16 +152,45 @@ class _TransportGate:
         super()._deliver(message, queue)  # type: ignore[misc]
 
 
-class _RedisChannel(_ChannelGate, redis.Channel):
-    pass
+class _Detached:
+    """For kombu's Redis channels: closing a channel after its connection let go of
+    the transport still gives its unacknowledged messages back.
+
+    kombu's ``Connection.collect()``/``close()`` set ``transport.client`` to None; a
+    channel closed after that (Celery's consumer closes its gossip and task channels
+    while it reconnects) gives its messages back through a fresh pool built from
+    ``transport.client``, and kombu raised ``AttributeError: 'NoneType' object has no
+    attribute 'hostname'``, which stopped the worker. The channel keeps the connection
+    it was made for and lends it to the transport for that one call.
+    """
+
+    connection: t.Any
+
+    def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._made_for = self.connection.client
+
+    def _connparams(self, asynchronous: bool = False) -> t.Any:
+        transport = self.connection
+        if transport.client is not None or self._made_for is None:
+            return super()._connparams(asynchronous)  # type: ignore[misc]
+        transport.client = self._made_for
+        try:
+            return super()._connparams(asynchronous)  # type: ignore[misc]
+        finally:
+            transport.client = None
+
+
+class _RedisChannel(_ChannelGate, _Detached, redis.Channel):
+    QoS = LeasedQoS
 
 
 class RedisTransport(_TransportGate, redis.Transport):
     Channel = _RedisChannel
 
 
-class _SentinelChannel(_ChannelGate, redis.SentinelChannel):
-    pass
+class _SentinelChannel(_ChannelGate, _Detached, redis.SentinelChannel):
+    QoS = LeasedQoS
 
 
 class SentinelTransport(_TransportGate, redis.SentinelTransport):

@@ -154,3 +154,10 @@ class Halt(BaseException):
 
 def raise_it(exc):
     raise exc
+
+
+def incr_and_sleep(redis_url, key, seconds):
+    """Count a run of this call (exactly-once checks under faults), then take a while."""
+    incr(redis_url, key)
+    time.sleep(seconds)
+    return key

@@ -1,0 +1,74 @@
+"""``make soak``: the fault suite at a larger scale (not in CI). Thousands of calls in
+both delivery modes while the local workers are SIGKILLed at random instants and the
+broker (a private Redis with appendonly) is restarted; prints the counts table that
+docs/reliability.md shows.
+
+    python -m tests.soak [--rate 60] [--seconds 120] [--kills 6] [--outage 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import threading
+import time
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rate", type=float, default=60.0, help="calls per second per mode")
+    parser.add_argument("--seconds", type=float, default=120.0)
+    parser.add_argument("--kills", type=int, default=6)
+    parser.add_argument("--outage", type=float, default=30.0)
+    args = parser.parse_args()
+
+    tmp = tempfile.TemporaryDirectory(prefix="fe-soak-")
+    os.environ["XDG_RUNTIME_DIR"] = tmp.name
+    from flask_execute.local import EmbeddedRedis
+    from flask_execute.processes import free_port
+    from tests import faults
+
+    broker = EmbeddedRedis(os.path.join(tmp.name, "broker"), port=free_port(), appendonly=True)
+    counters = EmbeddedRedis(os.path.join(tmp.name, "counters"), port=free_port())
+    broker.start()
+    counters.start()
+    url = broker.url + "/0"
+    app, celery = faults.make_app(url, url, os.path.join(tmp.name, "logs"), "soak")
+    loads = [faults.Load(celery, app, counters.url + "/0", late) for late in (False, True)]
+    try:
+        with app.app_context():
+            celery.start()
+            for load in loads:
+                load.start(rate=args.rate, seconds=args.seconds)
+            killer = threading.Thread(
+                target=faults.kill_workers_at_random,
+                args=(app, args.kills, args.seconds - 5, 1),
+            )
+            killer.start()
+            time.sleep(args.seconds / 2)
+            broker.stop()
+            time.sleep(args.outage)
+            broker.start()
+            killer.join()
+            for load in loads:
+                load.join(args.seconds + args.outage)
+            counts = [load.settle(120, lambda: 0) for load in loads]
+    finally:
+        for load in loads:
+            load.stop()
+        celery.stop()
+        broker.stop()
+        counters.stop()
+        tmp.cleanup()
+    print(
+        f"\nsoak: {args.seconds:g} s at {args.rate:g} calls/s per mode,"
+        f" {args.kills} worker SIGKILLs, Redis down {args.outage:g} s\n"
+    )
+    print(faults.HEADER)
+    print(counts[0].row("mixed faults, at-most-once"))
+    print(counts[1].row("mixed faults, at-least-once"))
+
+
+if __name__ == "__main__":
+    main()

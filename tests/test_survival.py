@@ -1,0 +1,126 @@
+"""Local workers come back: a dead worker is restarted (and given up when it keeps
+dying), its messages are given back at once, and a worker reconnects to a broker
+that went away (issue 12, items 1, 3, 4)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+
+import redis
+from flask import Flask
+from kombu import Exchange
+from kombu import Queue
+
+from flask_execute import Celery
+from flask_execute import supervisor
+from flask_execute.transports import Connection
+from tests.apps import tasks
+
+
+def make_app(broker_url, log_dir, name, **config):
+    app = Flask(f"survival_{name}")
+    app.config.update(
+        SECRET_KEY="survival-secret-for-tests", CELERY_BROKER_URL=broker_url,
+        CELERY_LOG_DIR=log_dir, CELERY_WORKERS={name: {"concurrency": 1}}, CELERY_FLOWER=False,
+    )  # fmt: skip
+    app.config.update(config)
+    return app, Celery(app)
+
+
+def wait_until(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_a_killed_worker_comes_back_with_its_prefetched_calls(
+    broker_url, log_dir, tmp_path, caplog
+):
+    caplog.set_level(logging.WARNING, "flask_execute")
+    app, celery = make_app(broker_url, log_dir, "phoenix")
+    client = redis.Redis.from_url(broker_url)
+    services = app.extensions["celery"].services
+    try:
+        mark, release = tmp_path / "mark", tmp_path / "release"
+        running = celery.submit(tasks.mark_and_wait, str(mark), str(release), 30)
+        wait_until(mark.exists, 20, "the first call to start")
+        queued = [celery.submit(tasks.add, i, i) for i in range(4)]  # prefetched: unacked
+        wait_until(lambda: client.hlen("unacked") == 4, 10, "4 prefetched calls")
+        (dead,) = services.children
+        os.kill(dead.pid, signal.SIGKILL)
+        started = time.monotonic()
+        # given back at once, not after the visibility timeout: the new worker runs them
+        assert [f.result(timeout=20) for f in queued] == [0, 2, 4, 6]
+        assert time.monotonic() - started < 15
+        (fresh,) = services.children
+        assert fresh.pid != dead.pid and fresh.alive()
+        assert celery.status(timeout=5) == {f"phoenix@{os.uname().nodename}": "OK"}
+        assert not running.done()  # at most once: the running call is not run again
+    finally:
+        release.touch()
+        celery.stop()
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("local worker phoenix" in m and "died (signal SIGKILL)" in m for m in messages)
+    assert any("gave 4 message(s) held by the dead worker phoenix back" in m for m in messages)
+    assert any("local worker phoenix is back" in m for m in messages)
+
+
+def test_a_worker_that_keeps_dying_is_given_up_with_its_log(
+    broker_url, log_dir, monkeypatch, caplog
+):
+    monkeypatch.setattr(supervisor, "BACKOFF", 0.05)
+    monkeypatch.setattr(supervisor, "MAX_RESTARTS", 2)
+    caplog.set_level(logging.WARNING, "flask_execute")
+    app, celery = make_app(broker_url, log_dir, "doomed")
+    services = app.extensions["celery"].services
+    try:
+        celery.start()
+        for _ in range(3):
+            (child,) = services.children
+            os.kill(child.pid, signal.SIGKILL)
+            wait_until(
+                lambda pid=child.pid: services.given_up or services.children[0].pid != pid,
+                20,
+                "a restart",
+            )
+            if not services.given_up:  # wait for the restarted one to be ready
+                wait_until(lambda: celery.status(timeout=0.3), 20, "the restarted worker")
+        wait_until(lambda: services.given_up, 10, "giving up")
+        assert services.given_up == ["doomed"]
+    finally:
+        celery.stop()
+    (error,) = [r for r in caplog.records if r.levelno == logging.ERROR]
+    text = error.getMessage()
+    assert "local worker doomed" in text and "after 2 restarts in a row; not restarting it" in text
+    assert "Last lines of" in text and "doomed@" in text  # the tail of its log
+
+
+def test_a_channel_closed_after_its_connection_still_gives_messages_back(broker_url):
+    # kombu's Connection.close() detaches the transport (transport.client = None); a
+    # channel closed after that (Celery's consumer closes some while reconnecting)
+    # raised AttributeError ('NoneType' object has no attribute 'hostname'): the
+    # worker stopped
+    queue = Queue("survival-detached", Exchange("survival-detached"), "survival-detached")
+    connection = Connection(broker_url)
+    try:
+        producer = connection.Producer(connection.channel())
+        producer.publish({"n": 1}, exchange=queue.exchange, routing_key=queue.routing_key,
+                         declare=[queue])  # fmt: skip
+        channel = connection.channel()
+        received = []
+        consumer = channel.Consumer(queue, callbacks=[lambda body, m: received.append(body)])
+        consumer.consume()
+        connection.drain_events(timeout=5)
+        assert received == [{"n": 1}]
+        connection.transport.client = None  # what kombu's Connection.close() does first
+        channel.close()  # gives the unacknowledged message back
+        with Connection(broker_url) as again:
+            message = again.SimpleQueue(queue).get(timeout=5)
+            assert message.payload == {"n": 1} and message.delivery_info["redelivered"]
+            message.ack()
+    finally:
+        connection.release()
