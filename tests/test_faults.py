@@ -68,7 +68,7 @@ def _amqp_setup(tmp_name: str) -> tuple[str, dict[str, object]]:
 
 
 def _amqp_queued(app, queue: str) -> int:
-    with app.extensions["celery"].controller.connection_for_write() as conn:
+    with app.extensions["celery"].runtime(app).controller.connection_for_write() as conn:
         try:
             return int(conn.default_channel.queue_declare(queue, passive=True).message_count)
         except Exception:
@@ -76,7 +76,7 @@ def _amqp_queued(app, queue: str) -> int:
 
 
 def _amqp_cleanup(app, queue: str) -> None:
-    with app.extensions["celery"].controller.connection_for_write() as conn:
+    with app.extensions["celery"].runtime(app).controller.connection_for_write() as conn:
         conn.default_channel.queue_delete(queue)
 
 
@@ -100,7 +100,7 @@ def test_redis_restart_under_load(private_redis, counter_url, log_dir, late):
     try:
         with app.app_context():
             celery.start()
-            pids = [c.pid for c in app.extensions["celery"].services.children]
+            pids = [c.pid for c in app.extensions["celery"].runtime(app).services.children]
             load.start(rate=20)
             time.sleep(2)
             private_redis.stop()
@@ -110,7 +110,7 @@ def test_redis_restart_under_load(private_redis, counter_url, log_dir, late):
             load.stop()
             counts = load.settle(60, lambda: _redis_queued(url))
             # every worker still serves, and it is the same process
-            assert [c.pid for c in app.extensions["celery"].services.children] == pids
+            assert [c.pid for c in app.extensions["celery"].runtime(app).services.children] == pids
             assert len(celery.status(timeout=5)) == 1
     finally:
         load.stop()
@@ -132,7 +132,7 @@ def test_rabbitmq_outage_under_load(redis_url, counter_url, log_dir, late):
     try:
         with app.app_context():
             celery.start()
-            pids = [c.pid for c in app.extensions["celery"].services.children]
+            pids = [c.pid for c in app.extensions["celery"].runtime(app).services.children]
             load.start(rate=20)
             time.sleep(2)
             proxy.cut()
@@ -141,7 +141,7 @@ def test_rabbitmq_outage_under_load(redis_url, counter_url, log_dir, late):
             time.sleep(3)
             load.stop()
             counts = load.settle(60, lambda: _amqp_queued(app, queue))
-            assert [c.pid for c in app.extensions["celery"].services.children] == pids
+            assert [c.pid for c in app.extensions["celery"].runtime(app).services.children] == pids
             assert len(celery.status(timeout=5)) == 1
     finally:
         load.stop()

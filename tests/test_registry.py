@@ -251,7 +251,7 @@ def test_flower_missing_is_one_log_line(broker_url, log_dir, monkeypatch, caplog
         CELERY_WORKERS=["noflower"], CELERY_FLOWER=True,
     )  # fmt: skip
     celery = Celery(app)
-    caplog.set_level("INFO", logger="flask_execute.local")
+    caplog.set_level("INFO", logger="flask_execute.flower")
     try:
         celery.start()
         lines = [r.getMessage() for r in caplog.records if "Flower is not installed" in r.message]

@@ -50,7 +50,6 @@ from flask_execute import ExecuteError
 from flask_execute import RemoteError
 from flask_execute import SerializationError
 from flask_execute import SignatureError
-from flask_execute import watcher
 from flask_execute.dispatch import DISPATCH
 from flask_execute.dispatch import DISPATCH_LATE
 from flask_execute.envelopes import Codec
@@ -423,7 +422,8 @@ def test_sec03_get_of_an_unreadable_forged_result_is_a_clear_error(direct, tmp_p
 
 
 def test_sec03_unreadable_forged_result_does_not_stall_other_futures(direct, tmp_path, monkeypatch):
-    monkeypatch.setattr(watcher, "_SWEEP_EVERY", 0.1)  # the sweep runs every 5 s otherwise
+    # the sweep runs every 5 s otherwise
+    monkeypatch.setattr(direct.state.watcher, "sweep_every", 0.1)
     canary = tmp_path / "pwned-web"
     task_id = str(uuid.uuid4())
     future = direct.celery.get(task_id)

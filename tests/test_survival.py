@@ -43,7 +43,7 @@ def test_a_killed_worker_comes_back_with_its_prefetched_calls(
     caplog.set_level(logging.WARNING, "flask_execute")
     app, celery = make_app(broker_url, log_dir, "phoenix")
     client = redis.Redis.from_url(broker_url)
-    services = app.extensions["celery"].services
+    services = app.extensions["celery"].runtime(app).services
     try:
         mark, release = tmp_path / "mark", tmp_path / "release"
         running = celery.submit(tasks.mark_and_wait, str(mark), str(release), 30)
@@ -76,7 +76,7 @@ def test_a_worker_that_keeps_dying_is_given_up_with_its_log(
     monkeypatch.setattr(supervisor, "MAX_RESTARTS", 2)
     caplog.set_level(logging.WARNING, "flask_execute")
     app, celery = make_app(broker_url, log_dir, "doomed")
-    services = app.extensions["celery"].services
+    services = app.extensions["celery"].runtime(app).services
     try:
         celery.start()
         for _ in range(3):

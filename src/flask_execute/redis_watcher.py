@@ -16,7 +16,6 @@ from .outcomes import EXPIRED
 from .outcomes import read_state
 from .outcomes import UNREADABLE
 from .watcher import Deliver
-from .watcher import SWEEP_EVERY
 from .watcher import Watcher
 
 __all__ = ["RedisWatcher"]
@@ -164,7 +163,7 @@ class RedisWatcher(Watcher):
                                 acked.set()
                     self._sync_channels(pubsub, current)
                     now = time.monotonic()
-                    if now - last_sweep > SWEEP_EVERY:
+                    if now - last_sweep > self.sweep_every:
                         last_sweep = now
                         pending = self.pending_ids()
                         if pending:
@@ -173,7 +172,7 @@ class RedisWatcher(Watcher):
                 self._error = exc
                 if self._stopping.is_set():
                     break
-                if not self.pending_ids():
+                if not self.has_waiters():
                     # nobody waits: stop quietly; the next watch() starts a new thread
                     self._subscribed.clear()
                     return

@@ -113,6 +113,8 @@ class Watcher:
     reply_channel: str | None = None
 
     def __init__(self, deliver: Deliver) -> None:
+        #: seconds between two sweeps
+        self.sweep_every = SWEEP_EVERY
         self._apply = deliver
         self._lock = threading.Lock()
         self._entries: dict[str, _Entry] = {}
@@ -172,6 +174,12 @@ class Watcher:
         with self._lock:
             self._prune()
             return list(self._entries)
+
+    def has_waiters(self) -> bool:
+        """Does any future here still wait (as opposed to calls followed only for the
+        exit wait)?"""
+        with self._lock:
+            return any(entry.live() for entry in self._entries.values())
 
     def in_flight(self) -> list[str]:
         """The calls this process submitted that are not final yet (whether or not
