@@ -1,0 +1,118 @@
+"""A newcomer's script, run as ``python usage.py`` or piped to ``python -``, against
+real local workers: a top-level submit fails at once with the cause and the fix
+(local workers import the script), and a piped script runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SRC = os.path.join(ROOT, "src")  # first: the venv's own install may be another checkout
+FIX = 'Put the code that submits under `if __name__ == "__main__":`'
+
+
+def header(broker_url: str, **config: object) -> str:
+    """The top of a script: an app with local workers on the test's own Redis db."""
+    settings = {
+        "SECRET_KEY": "script-secret-for-tests",
+        "CELERY_BROKER_URL": broker_url,
+        "CELERY_WORKERS": ["scripted"],
+        "CELERY_FLOWER": False,
+        **config,
+    }
+    return textwrap.dedent(
+        f"""\
+        from flask import Flask
+        from flask_execute import Celery
+
+        app = Flask(__name__)
+        app.config.update({settings!r})
+        celery = Celery(app)
+
+        def add(x, y):
+            return x + y
+        """
+    )
+
+
+def run(cwd: object, *argv: str, stdin: str | None = None, timeout: float = 60) -> tuple[
+    subprocess.CompletedProcess[str], float
+]:  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": SRC}
+    start = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, *argv], cwd=cwd, env=env, input=stdin, capture_output=True,
+        text=True, timeout=timeout,
+    )  # fmt: skip
+    return out, time.monotonic() - start
+
+
+# --- item 2: a script that submits at import -------------------------------------------
+TOP_LEVEL = {  # how: (the script's last lines, the call that is refused)
+    "submit": (
+        "with app.app_context():\n    print(celery.submit(add, 1, 2).result(timeout=10))\n",
+        "print(celery.submit(add, 1, 2).result(timeout=10))",
+    ),
+    "map": (
+        "print(celery.map(add, [1, 2], [3, 4]).result(timeout=10))\n",
+        "print(celery.map(add, [1, 2], [3, 4]).result(timeout=10))",
+    ),
+    "delay": (
+        "@celery.task\ndef ping():\n    return 'pong'\n\nprint(ping.delay().get(timeout=10))\n",
+        "print(ping.delay().get(timeout=10))",
+    ),
+}
+
+
+@pytest.mark.parametrize("how", sorted(TOP_LEVEL))
+def test_top_level_submit_fails_at_once_with_the_fix(how, tmp_path, broker_url):
+    script = tmp_path / "usage.py"
+    tail, call = TOP_LEVEL[how]
+    # a start timeout far longer than the test waits: only a prompt failure passes
+    source = header(broker_url, CELERY_START_TIMEOUT=120, CELERY_LOG_DIR=str(tmp_path)) + tail
+    script.write_text(source)
+    line = 1 + [x.strip() for x in source.splitlines()].index(call)
+    out, took = run(tmp_path, "usage.py", timeout=40)
+    assert out.returncode == 1
+    assert took < 30, took
+    assert (
+        "flask_execute.errors.ServiceStartError: Local service scripted exited during start-up"
+        in out.stderr
+    ), out.stderr
+    cause = f"{script} sends a task when it is imported (line {line}: `{call}`)."
+    assert cause in out.stderr and FIX in out.stderr, out.stderr
+    log = (tmp_path / "scripted.log").read_text()
+    assert cause in log and FIX in log
+
+
+def test_guarded_script_runs(tmp_path, broker_url):
+    script = tmp_path / "usage.py"
+    script.write_text(
+        header(broker_url, CELERY_LOG_DIR=str(tmp_path))
+        + '\nif __name__ == "__main__":\n'
+        + "    with app.app_context():\n"
+        + "        print(celery.submit(add, 1, 2).result(timeout=10))\n"
+    )
+    out, _ = run(tmp_path, "usage.py")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["3"]
+
+
+def test_script_piped_to_python_runs(tmp_path, broker_url):
+    """``python - < usage.py``: no file for a worker to import; it builds a bare app of
+    the same config, and the script's functions travel by value."""
+    source = header(broker_url, CELERY_LOG_DIR=str(tmp_path)) + textwrap.dedent(
+        """
+        with app.app_context():
+            print(celery.submit(add, 1, 2).result(timeout=10))
+        """
+    )
+    out, _ = run(tmp_path, "-", stdin=source)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["3"]
