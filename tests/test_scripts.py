@@ -1,6 +1,7 @@
 """A newcomer's script, run as ``python usage.py`` or piped to ``python -``, against
 real local workers: a top-level submit fails at once with the cause and the fix
-(local workers import the script), and a piped script runs."""
+(local workers import the script), a piped script runs, and a function that uses the
+script's own ``app`` and ``celery`` travels by value and finds the worker's own."""
 
 from __future__ import annotations
 
@@ -11,6 +12,11 @@ import textwrap
 import time
 
 import pytest
+from flask import current_app
+
+from flask_execute import current_task
+from flask_execute import SerializationError
+from tests.apps import tasks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SRC = os.path.join(ROOT, "src")  # first: the venv's own install may be another checkout
@@ -116,3 +122,63 @@ def test_script_piped_to_python_runs(tmp_path, broker_url):
     out, _ = run(tmp_path, "-", stdin=source)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == ["3"]
+
+
+# --- item 3: a by-value function that uses the script's own app and celery --------------
+def test_script_function_uses_its_own_app_and_celery(tmp_path, broker_url):
+    script = tmp_path / "usage.py"
+    script.write_text(
+        header(broker_url, CELERY_LOG_DIR=str(tmp_path), GREETING="hello")
+        + textwrap.dedent(
+            """
+            from flask import current_app
+            from flask_execute import current_task
+
+            def greet(name):
+                return (
+                    app.config["GREETING"] + " " + name,
+                    app is current_app._get_current_object(),
+                    celery.controller is current_task.app,
+                )
+
+            if __name__ == "__main__":
+                with app.app_context():
+                    print(celery.submit(greet, "world").result(timeout=20))
+            """
+        )
+    )
+    out, _ = run(tmp_path, "usage.py")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["('hello world', True, True)"]
+
+
+def test_closure_over_app_and_extension_finds_the_workers_own(setup):
+    app, celery = setup
+
+    def facts():
+        return (
+            app.config["MARKER"],
+            app is current_app._get_current_object(),
+            celery.controller is current_task.app,
+        )
+
+    marker = app.config["MARKER"]
+    assert celery.submit(facts).result(timeout=20) == (marker, True, True)
+    assert celery.map(facts, (), ()).result(timeout=20) == [(marker, True, True)] * 2
+
+
+def test_another_app_does_not_travel(setup):
+    from flask import Flask
+
+    app, celery = setup
+    other = Flask("other")
+
+    def uses_other():
+        return other.name
+
+    with pytest.raises(SerializationError) as info:
+        celery.submit(uses_other)
+    assert "The Flask app 'other' cannot be sent to a worker: only the app the call is" in str(
+        info.value
+    )
+    assert celery.submit(tasks.add, 1, 2).result(timeout=20) == 3
