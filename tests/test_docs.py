@@ -157,3 +157,23 @@ def test_version_is_above_the_original_and_install_docs_say_so():
         assert "pip install ./flask-execute" in commands, page
         assert "pip install flask-execute" not in commands, page
         assert "installs Flask-Execute 0.1.6" in " ".join(text.split()), page
+
+
+@pytest.mark.parametrize(
+    "page", ["README.md", *sorted(p.relative_to(ROOT).as_posix() for p in ROOT.glob("docs/*.md"))]
+)
+def test_no_broken_code_spans(page):
+    """A backtick inside a `code span` ends it early: the rest renders as text and
+    the span's halves start or end with a space. Quote such text with a double
+    backtick span (``a `b` c``)."""
+    from markdown_it import MarkdownIt
+
+    parser = MarkdownIt("commonmark").enable("table")
+    broken = [
+        (token.map[0] + 1 if token.map else None, child.content)
+        for token in parser.parse((ROOT / page).read_text(encoding="utf-8"))
+        if token.type == "inline"
+        for child in token.children or ()
+        if child.type == "code_inline" and child.content != child.content.strip()
+    ]
+    assert not broken, f"{page}: code spans cut by a backtick (line, text): {broken}"
