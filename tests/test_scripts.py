@@ -182,3 +182,39 @@ def test_another_app_does_not_travel(setup):
         info.value
     )
     assert celery.submit(tasks.add, 1, 2).result(timeout=20) == 3
+
+
+def test_factory_with_required_arguments_explains(tmp_modules, broker_url, log_dir):
+    """A worker calls the app factory without arguments: one that requires some
+    fails the start at once, saying to give them defaults."""
+    from flask_execute import ServiceStartError
+
+    tmp_modules.write(
+        "needsargs",
+        textwrap.dedent(
+            """
+            from flask import Flask
+            from flask_execute import Celery
+
+            celery = Celery()
+
+            def create_app(config):
+                app = Flask(__name__)
+                app.config.update(config)
+                celery.init_app(app)
+                return app
+            """
+        ),
+    )
+    module = tmp_modules.load("needsargs")
+    app = module.create_app(
+        {"SECRET_KEY": "needs-args-secret", "CELERY_BROKER_URL": broker_url,
+         "CELERY_LOG_DIR": log_dir, "CELERY_WORKERS": ["needsargs"], "CELERY_FLOWER": False}
+    )  # fmt: skip
+    with app.app_context(), pytest.raises(ServiceStartError) as info:
+        module.celery.start()
+    assert (
+        "The app factory needsargs:create_app needs arguments, but a worker builds the app by"
+        " calling it without any (the web process's config reaches the worker anyway). Give"
+        " its parameters defaults: def create_app(config=None)."
+    ) in str(info.value)

@@ -19,6 +19,7 @@ import contextlib
 import importlib
 import importlib.machinery
 import importlib.util
+import inspect
 import logging
 import os
 import signal
@@ -102,6 +103,22 @@ def _import_script(name: str, path: str) -> types.ModuleType:
     return module
 
 
+def _call_factory(factory: t.Callable[[], object], locator: tuple[t.Any, ...]) -> object:
+    """Call the app factory as the worker must: without arguments."""
+    try:
+        inspect.signature(factory).bind()
+    except TypeError:
+        name = getattr(factory, "__name__", "create_app")
+        raise RuntimeError(
+            f"The app factory {locator[1]}:{name} needs arguments, but a worker builds"
+            " the app by calling it without any (the web process's config reaches the"
+            f" worker anyway). Give its parameters defaults: def {name}(config=None)."
+        ) from None
+    except ValueError:  # pragma: no cover - no signature to check (a builtin)
+        pass
+    return factory()
+
+
 def build(boot: dict[str, t.Any]) -> Flask:
     """Rebuild the app described by a boot file's content."""
     for path in reversed(boot["sys_path"]):
@@ -128,7 +145,7 @@ def build(boot: dict[str, t.Any]) -> Flask:
                 instance_path=boot["instance_path"],
             )
             Celery(obj, base_task=boot.get("base_task"))
-        app = obj() if factory else obj
+        app = _call_factory(obj, locator) if factory else obj
     if not isinstance(app, Flask):
         raise RuntimeError(f"The app locator {locator!r} did not give a Flask app.")
     return app
