@@ -217,9 +217,10 @@ class Commands:
                 continue
             if plan.worker and worker is None:
                 worker = reader.serve(
-                    "flask --app my_app:create_app celery worker -n foo@%h", r"ready\.",
+                    "flask --app my_app:create_app celery worker -n foo@%h",
+                    r"ready\.",
                     env=self.env,
-                )  # fmt: skip
+                )
             out = reader.shell(line, env=self.env, stdin=plan.stdin, check=False)
             assert out.returncode == plan.exit, (
                 f"{line!r} exited with {out.returncode}, expected {plan.exit}:\n"
@@ -467,8 +468,11 @@ PLANS: dict[tuple[str, str], Plan] = {  # (page, the start of the block's first 
         project=my_app(CLI_CONFIG), env=ENV_APP, lines={"inspect": Run(worker=True)},
         subs=(WEB1, TASK_ID), why="web1 is the docs' host name; 5eb7e7b0-... a task id"),
     ("docs/cli.md", "flask celery control pool_grow 1"): Commands(
-        project=my_app(CLI_CONFIG), env=ENV_APP, lines={"control": Run(worker=True)},
-        subs=(WEB1, TASK_ID), why="web1 is the docs' host name; 5eb7e7b0-... a task id"),
+        project=my_app(CLI_CONFIG), env=ENV_APP, subs=(WEB1, TASK_ID),
+        lines={"autoscale": Run(exit=1, worker=True), "control": Run(worker=True)},
+        why="web1 is the docs' host name; 5eb7e7b0-... a task id; foo runs without"
+        " --autoscale (pool_grow refuses to run with it), so `autoscale` gets an error"
+        " reply from every node and exits 1, as the page says"),
     ("docs/cli.md", "flask celery report"): Commands(
         project=my_app(CLI_CONFIG), env=ENV_APP,
         lines={"celery events": Exempt("the curses monitor needs a terminal"),

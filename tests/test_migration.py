@@ -51,7 +51,8 @@ OLD_API = [
     "celery.logs", "celery.wrapper", "future.result(timeout=)", "future.exception(timeout=)",
     "future.running()", "future.cancel()", "future.cancel(wait=True, timeout=1)",
     "future.add_done_callback(fn)", "future.id", "Future(async_result)",
-    "pool.result(timeout=0)", "pool.cancel()", "pool.exception()",
+    "pool.result(timeout=0)", "pool.cancel()", "pool.cancel(wait=True, timeout=1)",
+    "pool.exception()",
     "pool.add_done_callback(fn)", "pool.status", "pool.add(future)", "FuturePool(futures)",
     "@celery.task", "celery.task.<name>", "celery.schedule.<name>", "current_task.id",
     "current_task.update_state(...)", "celery.inspect.<command>(timeout=, destination=)",
@@ -232,3 +233,24 @@ def test_inspect_control_and_status(old):
     assert re.search(r"^  pool_grow\(n=1\): Grow pool", control_help, re.MULTILINE)
     assert re.search(r"^  rate_limit\(task_name, rate_limit\): ", control_help, re.MULTILINE)
     assert "shutdown" not in inspect_help and "  ping(" not in control_help
+
+
+def test_restored_by_the_futures_redesign(old):
+    """Rows: app.extensions["celery"], future.cancel(wait=, timeout=), pool.status/state,
+    pool.add; 0.1.6's test_futures and its /submit view."""
+    from flask import current_app
+
+    app, celery = old
+    assert app.extensions["celery"] is celery
+    assert current_app.extensions["celery"].submit(oldstyle.add, 1, 2).result(timeout=10) == 3
+
+    queued = celery.submit(oldstyle.sleep, 10, countdown=30)
+    assert queued.cancel(wait=True, timeout=1) is True
+    assert queued.cancelled() and queued.done() and not queued.running()
+
+    pool = celery.map(oldstyle.add_all, [1, 2], [1, 2], [1, 2])
+    assert pool.result(timeout=10) == [3, 3, 3]
+    assert pool.status == pool.state == "SUCCESS"
+    pool.add(celery.submit(oldstyle.fail))
+    assert isinstance(pool.exception(timeout=10), AssertionError)
+    assert pool.state == "FAILURE" and len(pool) == 4
