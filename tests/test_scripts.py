@@ -184,6 +184,23 @@ def test_another_app_does_not_travel(setup):
     assert celery.submit(tasks.add, 1, 2).result(timeout=20) == 3
 
 
+def test_another_extension_does_not_travel(setup):
+    from flask_execute import Celery
+
+    app, celery = setup
+    unused = Celery()
+
+    def uses_it():
+        return unused.base_task
+
+    with pytest.raises(SerializationError) as info:
+        celery.submit(uses_it)
+    assert (
+        f"This flask-execute extension does not serve the app {app.import_name!r} the call"
+        " is submitted for" in str(info.value)
+    )
+
+
 def test_factory_with_required_arguments_explains(tmp_modules, broker_url, log_dir):
     """A worker calls the app factory without arguments: one that requires some
     fails the start at once, saying to give them defaults."""

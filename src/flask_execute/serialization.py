@@ -85,11 +85,8 @@ def _worker_app() -> Flask:
 
 def _worker_extension() -> object:
     """Worker side of the flask-execute extension a by-value function referenced: the
-    extension serving the worker's app."""
-    state = _worker_app().extensions["celery"]
-    # app.extensions["celery"] holds the app's runtime, which knows its extension (or,
-    # once it holds the extension itself, that)
-    return getattr(state, "extension", state)
+    extension serving the worker's app (``app.extensions["celery"]``)."""
+    return _worker_app().extensions["celery"]
 
 
 def _is_extension(obj: object) -> bool:
@@ -121,14 +118,12 @@ def _reduce_app(app: Flask) -> tuple[t.Any, ...]:
 
 def _reduce_extension(extension: object) -> tuple[t.Any, ...]:
     current = _submitting_app()
-    if current is not None:
-        state = current.extensions.get("celery")
-        if getattr(state, "extension", state) is not extension:
-            raise SerializationError(
-                f"This flask-execute extension does not serve the app {current.import_name!r}"
-                " the call is submitted for, so it cannot be sent to a worker: only the"
-                " extension of that app travels (it arrives as the worker's own)."
-            )
+    if current is not None and current.extensions.get("celery") is not extension:
+        raise SerializationError(
+            f"This flask-execute extension does not serve the app {current.import_name!r}"
+            " the call is submitted for, so it cannot be sent to a worker: only the"
+            " extension of that app travels (it arrives as the worker's own)."
+        )
     return _worker_extension, ()
 
 
