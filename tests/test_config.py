@@ -654,10 +654,11 @@ def test_pickle_and_yaml_are_refused(
     key = next(iter(cfg))
     source = f"CELERY[{next(iter(cfg['CELERY']))!r}]" if key == "CELERY" else key
     assert str(excinfo.value) == (
-        f"{source!r} (Celery setting {name!r}) asks for {bad!r}; flask-execute keeps Celery's"
-        " serializers"
-        " JSON-only so that nothing from the broker is unpickled before its signature is"
-        f" checked. Remove the key (got {got!r})."
+        f"{source} = {got!r}: no longer needed, delete it. flask-execute pickles calls and"
+        " results itself and signs them before they travel, and keeps Celery's own"
+        " serializers JSON-only, so that nothing from the broker is unpickled before its"
+        " signature is checked (Flask-Execute 0.1.6 needed Celery to pickle; see"
+        " docs/migrating.md)."
     )
 
 

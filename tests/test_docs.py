@@ -139,3 +139,41 @@ def test_api_reference_documents_every_extension_method():
     ``executor`` included."""
     text = (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
     assert re.search(r"^\.\. autoclass:: Celery\n   :members:\n", text, re.MULTILINE)
+
+
+# --- the distribution ------------------------------------------------------------------
+def test_version_is_above_the_original_and_install_docs_say_so():
+    """The package index serves the original Flask-Execute 0.1.6 under our name: we
+    are versioned above it, and the install instructions do not send readers there."""
+    from packaging.version import Version
+
+    pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")  # tomllib: 3.11+
+    version = Version(re.search(r'^version = "(.+)"$', pyproject, re.MULTILINE).group(1))
+    assert version > Version("0.1.6")
+    assert version.major == 1
+    for page in ("README.md", "docs/quickstart.md"):
+        text = (ROOT / page).read_text(encoding="utf-8")
+        commands = re.findall(r"^pip install .*$", text, re.MULTILINE)
+        assert "pip install ./flask-execute" in commands, page
+        assert "pip install flask-execute" not in commands, page
+        assert "installs Flask-Execute 0.1.6" in " ".join(text.split()), page
+
+
+@pytest.mark.parametrize(
+    "page", ["README.md", *sorted(p.relative_to(ROOT).as_posix() for p in ROOT.glob("docs/*.md"))]
+)
+def test_no_broken_code_spans(page):
+    """A backtick inside a `code span` ends it early: the rest renders as text and
+    the span's halves start or end with a space. Quote such text with a double
+    backtick span (``a `b` c``)."""
+    from markdown_it import MarkdownIt
+
+    parser = MarkdownIt("commonmark").enable("table")
+    broken = [
+        (token.map[0] + 1 if token.map else None, child.content)
+        for token in parser.parse((ROOT / page).read_text(encoding="utf-8"))
+        if token.type == "inline"
+        for child in token.children or ()
+        if child.type == "code_inline" and child.content != child.content.strip()
+    ]
+    assert not broken, f"{page}: code spans cut by a backtick (line, text): {broken}"

@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.machinery
 import importlib.util
+import inspect
 import logging
 import os
 import signal
 import sys
 import threading
 import time
+import types
 import typing as t
 from collections.abc import Iterator
 
@@ -31,6 +34,7 @@ from flask import Config
 from flask import Flask
 
 from . import bootfile
+from .importguard import refuse_calls_while_importing
 from .local import BOOT_ENV
 from .local import BOOT_KEY_ENV
 from .local import CHILD_ENV
@@ -83,6 +87,38 @@ def _pinned(snapshot: dict[str, t.Any]) -> Iterator[list[Flask]]:
                 app.config.pinned = {}
 
 
+def _import_script(name: str, path: str) -> types.ModuleType:
+    """Import the script the web process ran (``python app.py``) as module ``name``;
+    a source loader, so a script without a ``.py`` suffix imports too."""
+    if not os.path.isfile(path):
+        raise RuntimeError(
+            f"The script {path} that built the Flask app in the web process is gone, so"
+            " this worker cannot build the same app. Start the workers again."
+        )
+    loader = importlib.machinery.SourceFileLoader(name, path)
+    spec = importlib.util.spec_from_file_location(name, path, loader=loader)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    sys.modules[name] = module
+    loader.exec_module(module)
+    return module
+
+
+def _call_factory(factory: t.Callable[[], object], locator: tuple[t.Any, ...]) -> object:
+    """Call the app factory as the worker must: without arguments."""
+    try:
+        inspect.signature(factory).bind()
+    except TypeError:
+        name = getattr(factory, "__name__", "create_app")
+        raise RuntimeError(
+            f"The app factory {locator[1]}:{name} needs arguments, but a worker builds"
+            " the app by calling it without any (the web process's config reaches the"
+            f" worker anyway). Give its parameters defaults: def {name}(config=None)."
+        ) from None
+    except ValueError:  # pragma: no cover - no signature to check (a builtin)
+        pass
+    return factory()
+
+
 def build(boot: dict[str, t.Any]) -> Flask:
     """Rebuild the app described by a boot file's content."""
     for path in reversed(boot["sys_path"]):
@@ -99,11 +135,7 @@ def build(boot: dict[str, t.Any]) -> Flask:
             name = os.path.splitext(os.path.basename(path))[0]
             module = sys.modules.get(name)
             if getattr(module, "__file__", None) != path:
-                spec = importlib.util.spec_from_file_location(name, path)
-                assert spec is not None and spec.loader is not None
-                module = importlib.util.module_from_spec(spec)
-                sys.modules[name] = module
-                spec.loader.exec_module(module)
+                module = _import_script(name, path)
             obj = getattr(module, attr)
         else:
             factory = False
@@ -113,7 +145,7 @@ def build(boot: dict[str, t.Any]) -> Flask:
                 instance_path=boot["instance_path"],
             )
             Celery(obj, base_task=boot.get("base_task"))
-        app = obj() if factory else obj
+        app = _call_factory(obj, locator) if factory else obj
     if not isinstance(app, Flask):
         raise RuntimeError(f"The app locator {locator!r} did not give a Flask app.")
     return app
@@ -131,13 +163,15 @@ def celery_app() -> t.Any:
         if _celery_app is None:
             boot_path = os.environ.pop(BOOT_ENV, None)
             boot_key = os.environ.pop(BOOT_KEY_ENV, None)  # nothing we start gets it
-            if boot_path:
-                # verified before it is unpickled; raising makes the worker exit
-                app = build(bootfile.read(boot_path, boot_key))
-            else:
-                from flask.cli import ScriptInfo
+            # the user's code must not send tasks while we import it (importguard.py)
+            with refuse_calls_while_importing():
+                if boot_path:
+                    # verified before it is unpickled; raising makes the worker exit
+                    app = build(bootfile.read(boot_path, boot_key))
+                else:
+                    from flask.cli import ScriptInfo
 
-                app = ScriptInfo(app_import_path=os.environ.get("FLASK_APP")).load_app()
+                    app = ScriptInfo(app_import_path=os.environ.get("FLASK_APP")).load_app()
             extension = app.extensions.get("celery")
             if not isinstance(extension, Celery):
                 raise RuntimeError(

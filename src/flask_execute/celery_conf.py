@@ -220,6 +220,20 @@ _FORCED_JSON = {
 _PICKLE_NAMES = ("pickle", "application/x-python-serialize", "yaml", "application/x-yaml")
 
 
+def _pickle_refusal(refused: list[str]) -> str:
+    """Why Celery may not (un)pickle, and that the keys can simply go: 0.1.6 needed
+    them, we do not (its documented defaults are the usual reason they are there)."""
+    keys = " and ".join([", ".join(refused[:-1]), refused[-1]] if len(refused) > 1 else refused)
+    them = "them" if len(refused) > 1 else "it"
+    return (
+        f"{keys}: no longer needed, delete {them}. flask-execute pickles calls and"
+        " results itself and signs them before they travel, and keeps Celery's own"
+        " serializers JSON-only, so that nothing from the broker is unpickled before"
+        " its signature is checked (Flask-Execute 0.1.6 needed Celery to pickle; see"
+        " docs/migrating.md)."
+    )
+
+
 def _celery_names() -> tuple[dict[str, str], frozenset[str]]:
     from celery.app.defaults import _TO_NEW_KEY
     from celery.app.defaults import DEFAULTS
@@ -256,6 +270,7 @@ def celery_settings(config: Mapping[str, object]) -> dict[str, object]:
             out[key[7:].lower()] = value
             source[key[7:].lower()] = key
     unsafe: list[str] = []
+    refused: list[str] = []
     for name in _FORCED_JSON:
         value = out.get(name)
         if value is None:
@@ -265,12 +280,9 @@ def celery_settings(config: Mapping[str, object]) -> dict[str, object]:
         if bad and config.get("CELERY_UNSAFE_ALLOW_PICKLE") is True:
             unsafe.append(name)
         elif bad:
-            raise ConfigurationError(
-                f"{source.get(name, name)!r} (Celery setting {name!r}) asks for {bad[0]!r};"
-                " flask-execute keeps Celery's"
-                " serializers JSON-only so that nothing from the broker is unpickled before"
-                f" its signature is checked. Remove the key (got {value!r})."
-            )
+            refused.append(f"{source.get(name, name)} = {value!r}")
+    if refused:
+        raise ConfigurationError(_pickle_refusal(refused))
     if unsafe:
         logging.getLogger("flask_execute.security").warning(
             "CELERY_UNSAFE_ALLOW_PICKLE is on: Celery will unpickle %s from the broker;"

@@ -32,8 +32,9 @@ beat). Check `if current_task:` first when the code runs both ways.\
 
 _cv_task: ContextVar[Task] = ContextVar("flask_execute.task")
 
-#: The Celery task currently executing (``current_task.request.id``,
-#: ``current_task.update_state(state="PROGRESS", meta={...})``). Falsy outside a task.
+#: The Celery task currently executing (``current_task.request.id``, also
+#: ``current_task.id``; ``current_task.update_state(state="PROGRESS", meta={...})``).
+#: Falsy outside a task.
 current_task: Task = LocalProxy(_cv_task, unbound_message=_no_task_msg)
 
 # Eager runs report progress straight to the Future waiting on them (no backend).
@@ -79,6 +80,13 @@ def make_task_class(flask_app: Flask, base: type[Task] | None) -> type[Task]:
                     return super().__call__(*args, **kwargs)
             finally:
                 _cv_task.reset(token)
+
+        @property
+        def id(self) -> str | None:
+            """The running task's id: ``current_task.id`` is ``current_task.request.id``
+            (Flask-Execute 0.1.6's ``current_task`` was the request, so its users
+            wrote ``.id``)."""
+            return t.cast("str | None", self.request.id)
 
         def update_state(
             self,

@@ -2,10 +2,36 @@
 
 from __future__ import annotations
 
+import inspect
 import typing as t
 from collections.abc import Callable
 
-__all__ = ["Inspect"]
+__all__ = ["Control", "Inspect", "commands_help"]
+
+# keyword arguments every command takes from us, not shown per command
+_OURS = {"self", "destination", "timeout", "reply", "limit", "callback", "connection", "kwargs"}
+
+
+def commands_help(kind: str, celery_class: type, extra: str) -> str:
+    """The commands of ``celery.<kind>``, one line each: name, arguments, what it does
+    (from Celery's own command table, for the commands this Celery version has)."""
+    from celery.worker.control import Panel
+
+    lines = [f"celery.{kind}.<command>(...){extra}", ""]
+    for name, info in sorted(Panel.meta.items()):
+        method = getattr(celery_class, name, None)
+        if info.type != kind or not info.visible or not callable(method):
+            continue
+        try:
+            params = [
+                str(p)
+                for p in inspect.signature(method).parameters.values()
+                if p.name not in _OURS and p.kind is not p.VAR_KEYWORD
+            ]
+        except (TypeError, ValueError):  # pragma: no cover - a builtin without signature
+            params = []
+        lines.append(f"  {name}({', '.join(params)}): {info.help or ''}".rstrip(": "))
+    return "\n".join(lines)
 
 
 class Inspect:
@@ -18,6 +44,15 @@ class Inspect:
     def __init__(self, controller: t.Any, limit: int | None = None) -> None:
         self._controller = controller
         self._limit = limit  # expected local workers: stop waiting once all replied
+
+    def help(self) -> str:
+        """The inspect commands, their arguments and what each returns, one per line
+        (``print(celery.inspect.help())``)."""
+        from celery.app.control import Inspect as CeleryInspect
+
+        return commands_help(
+            "inspect", CeleryInspect, "  ->  {node: reply}; timeout=1.0, destination=None"
+        )
 
     def __getattr__(self, command: str) -> Callable[..., dict[str, t.Any]]:
         if command.startswith("_"):
@@ -56,6 +91,17 @@ class Control:
     def __init__(self, controller: t.Any, limit: int | None = None) -> None:
         self._controller = controller
         self._limit = limit
+
+    def help(self) -> str:
+        """The remote-control commands, their arguments and what each does, one per
+        line (``print(celery.control.help())``)."""
+        from celery.app.control import Control as CeleryControl
+
+        return commands_help(
+            "control",
+            CeleryControl,
+            "  ->  {node: reply}; timeout=1.0, destination=None, reply=True",
+        )
 
     def __getattr__(self, command: str) -> Callable[..., t.Any]:
         if command.startswith("_"):

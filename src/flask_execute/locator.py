@@ -3,7 +3,8 @@ starts it: a *locator* recorded at ``init_app``.
 
 The locator names the module attribute holding the app, the factory function that
 built it (found on the call stack), a script file run as ``python app.py``, or — for
-apps built anywhere else (a test body, a notebook) — a bare app of the same name.
+apps built anywhere else (a test body, a notebook, ``python -c``, a script piped to
+``python -``) — a bare app of the same name.
 :mod:`flask_execute.boot` rebuilds the app from it in the worker.
 """
 
@@ -67,7 +68,9 @@ def _returns_local_app(frame: types.FrameType, app: Flask) -> bool:
 def _from_module(module: types.ModuleType, attr: str, *, factory: bool) -> Locator:
     if module.__name__ == "__main__":
         path = getattr(module, "__file__", None)
-        if not path:
+        if not path or not os.path.isfile(path):
+            # `python -c`, `python - < script.py` ("<stdin>"), a REPL: no file a worker
+            # could import; it builds a bare app, and functions travel by value
             return ("bare",)
         return ("file", os.path.abspath(path), attr, factory)
     return ("module", module.__name__, attr, factory)

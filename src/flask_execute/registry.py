@@ -282,6 +282,42 @@ class ScheduleRegistry:
 
         return decorator
 
+    def __getattr__(self, name: str) -> TaskProxy:
+        """The task a schedule runs, by the schedule's name, the task's registered
+        name or the function's name: ``celery.schedule.nightly.delay()`` runs it
+        now, ``celery.schedule.nightly()`` here (as in Flask-Execute 0.1.6).
+
+        :raises AttributeError: no schedule runs a task of that name.
+        """
+        if name.startswith("_"):
+            raise AttributeError(name)
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(
+                f"No schedule or scheduled task is named {name!r}"
+                f" (schedules: {', '.join(sorted(self._entries)) or 'none'})."
+            ) from None
+
+    def __getitem__(self, name: str) -> TaskProxy:
+        entry = self._entries.get(name)
+        if entry is not None:
+            return self._tasks[entry.task]
+        for entry in self._entries.values():
+            proxy = self._tasks[entry.task]
+            if name in (entry.task, proxy.__name__):
+                return proxy
+        raise KeyError(name)
+
+    def __contains__(self, name: object) -> bool:
+        if not isinstance(name, str):
+            return False
+        try:
+            self[name]
+        except KeyError:
+            return False
+        return True
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
 

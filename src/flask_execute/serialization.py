@@ -20,6 +20,9 @@ import typing as t
 from collections.abc import Callable
 
 import cloudpickle
+from flask import current_app
+from flask import Flask
+from flask import has_app_context
 
 from .errors import RemoteError
 from .errors import SerializationError
@@ -68,6 +71,62 @@ def _known_proxies() -> dict[int, tuple[str, str]]:
     return _proxies
 
 
+# --- the app and the extension travel as the worker's own ------------------------------
+def _worker_app() -> Flask:
+    """Worker side of a Flask app a by-value function referenced: the app of the
+    running task (calls are unpickled inside its application context)."""
+    if not has_app_context():
+        raise RuntimeError(
+            "A call that references its Flask app can only be unpickled inside an"
+            " application context (flask-execute's workers unpickle calls in one)."
+        )
+    return t.cast(Flask, current_app._get_current_object())  # type: ignore[attr-defined]
+
+
+def _worker_extension() -> object:
+    """Worker side of the flask-execute extension a by-value function referenced: the
+    extension serving the worker's app (``app.extensions["celery"]``)."""
+    return _worker_app().extensions["celery"]
+
+
+def _is_extension(obj: object) -> bool:
+    """Is ``obj`` a flask-execute ``Celery`` extension? Found through ``sys.modules``:
+    the extension's module imports this one (through the client), so it cannot be
+    imported here; no extension exists before that module is loaded."""
+    plugin = sys.modules.get("flask_execute.plugin")
+    return plugin is not None and isinstance(obj, plugin.Celery)
+
+
+def _submitting_app() -> Flask | None:
+    """The app a call is being submitted for, when an app context says so."""
+    if has_app_context():
+        return t.cast(Flask, current_app._get_current_object())  # type: ignore[attr-defined]
+    return None
+
+
+def _reduce_app(app: Flask) -> tuple[t.Any, ...]:
+    current = _submitting_app()
+    if "celery" not in app.extensions or (current is not None and current is not app):
+        raise SerializationError(
+            f"The Flask app {app.import_name!r} cannot be sent to a worker: only the app"
+            " the call is submitted for travels (it arrives as the worker's own app)."
+            " Use flask.current_app in the function instead, or push this app's context"
+            " before submitting."
+        )
+    return _worker_app, ()
+
+
+def _reduce_extension(extension: object) -> tuple[t.Any, ...]:
+    current = _submitting_app()
+    if current is not None and current.extensions.get("celery") is not extension:
+        raise SerializationError(
+            f"This flask-execute extension does not serve the app {current.import_name!r}"
+            " the call is submitted for, so it cannot be sent to a worker: only the"
+            " extension of that app travels (it arrives as the worker's own)."
+        )
+    return _worker_extension, ()
+
+
 def _requery(model: type[t.Any], identity: tuple[t.Any, ...]) -> t.Any:
     """Worker side of a model argument: load it again in this app context's session."""
     from flask import current_app
@@ -93,7 +152,10 @@ def _is_model(obj: object) -> bool:
 class _TrackingPickler(cloudpickle.Pickler):  # type: ignore[misc]
     """cloudpickle, noting whether anything had to travel by value (code objects), and
     sending Flask's context proxies by name (a by-value function that uses
-    ``current_app`` must find the worker's app, not carry the caller's).
+    ``current_app`` must find the worker's app, not carry the caller's). Likewise the
+    Flask app and the flask-execute extension of the call (a script's own ``app`` and
+    ``celery`` globals, used by a function that travels by value) arrive as the
+    worker's own app and extension.
 
     ``models``: ``"requery"`` sends SQLAlchemy model instances as (model, primary key),
     loaded again on the worker; ``"refuse"`` refuses them; ``None`` pickles them as is.
@@ -110,6 +172,10 @@ class _TrackingPickler(cloudpickle.Pickler):  # type: ignore[misc]
         ref = _known_proxies().get(id(obj))
         if ref is not None:
             return _import_attr, ref
+        if isinstance(obj, Flask):
+            return _reduce_app(obj)
+        if _is_extension(obj):
+            return _reduce_extension(obj)
         if self.models is not None and _is_model(obj):
             return self._reduce_model(obj)
         if not self.by_value and isinstance(obj, (types.FunctionType, type)):
