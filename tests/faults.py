@@ -213,7 +213,7 @@ def kill_workers_at_random(app: Flask, kills: int, within: float, seed: int) -> 
     """SIGKILL the local worker's main process ``kills`` times at random instants."""
     import signal
 
-    services = app.extensions["celery"].services
+    services = app.extensions["celery"].runtime(app).services
     rng = random.Random(seed)
     at = sorted(rng.uniform(0.5, within) for _ in range(kills))
     start = time.monotonic()

@@ -734,7 +734,7 @@ def test_sec12_fuzzed_dispatch_arguments_are_all_rejected(direct, tmp_path):
 def test_sec16_pickle_config_is_refused_at_init_app(config):
     app = Flask("sec_pickle")
     app.config.update(SECRET_KEY="s-secret-for-tests", CELERY_START_LOCAL_WORKERS=False, **config)
-    with pytest.raises(ConfigurationError, match="keeps Celery's serializers JSON-only"):
+    with pytest.raises(ConfigurationError, match="keeps Celery's own serializers JSON-only"):
         Celery(app)
     assert "celery" not in app.extensions
 
