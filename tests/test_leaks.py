@@ -406,7 +406,8 @@ def test_flower_asks_for_the_configured_login_and_shows_no_value(broker_url, log
                 failed.result(timeout=10)
             assert [f.result(timeout=10) for f in chunk] == [{"echo": secret}] * 2
             assert wait_for(lambda: later.id in scheduled_ids(celery))
-            ids = [ok.id, failed.id, later.id, chunk[0].id]
+            # a chunk is one Celery task; its members' outcomes have their own ids
+            ids = [ok.id, failed.id, later.id, chunk[0].chunk.task_id]
             known = [f"{url}/api/task/info/{task_id}" for task_id in ids]
             assert wait_for(lambda: all(fetch(info, login)[0] == 200 for info in known))
             shown = {"sealed": 0}
@@ -414,6 +415,7 @@ def test_flower_asks_for_the_configured_login_and_shows_no_value(broker_url, log
             for task_id in ids:
                 paths += [f"/task/{task_id}", f"/api/task/info/{task_id}"]
                 paths += [f"/api/task/result/{task_id}"]
+            paths += [f"/api/task/result/{member.id}" for member in chunk]
             for path in paths:
                 status, body = fetch(url + path, login)
                 assert status in (200, 503), (path, status)  # 503: no backend for results

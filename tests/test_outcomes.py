@@ -137,7 +137,8 @@ def test_a_lost_pool_process_arrives_sealed_with_its_type(direct, tmp_path):
         exc = future.exception(timeout=20)
         assert type(exc) is WorkerLostError
         assert str(exc).startswith("Worker exited prematurely: signal 9 (SIGKILL)")
-    assert sealed(direct, single.id) and sealed(direct, chunk[0].id)
+    # the chunk's message failed as a whole: its failure is stored under its own id
+    assert sealed(direct, single.id) and sealed(direct, chunk[0].chunk.task_id)
     assert serves(direct.celery)
 
 
@@ -434,17 +435,16 @@ def test_a_signed_base_exception_arrives_wrapped(direct, exc):
     failure = _plain_failure("builtins", "ValueError", ["x", {"flask_execute": envelope}])
     # a chunk of two calls whose first one raised it
     chunk = direct.celery.map(tasks.add, (1, 2), (3, 4), chunksize=2, queue=NOBODY)
+    chunk_id = chunk[0].chunk.task_id  # the message, whose result holds every outcome
     outcomes = [(False, (exc, "remote tb\n")), (True, 7)]
-    result = direct.state.codec.seal("result", chunk[0].id, pickle.dumps(outcomes))
+    result = direct.state.codec.seal("result", chunk_id, pickle.dumps(outcomes))
     try:
         forge_result(direct.client, task_id, failure)
-        forge_result(direct.client, chunk[0].id, {"status": "SUCCESS", "result": result})
+        forge_result(direct.client, chunk_id, {"status": "SUCCESS", "result": result})
         received = [single.exception(timeout=5), chunk[0].exception(timeout=5)]
         assert chunk[1].result(timeout=5) == 7
     finally:
-        direct.client.delete(
-            NOBODY, f"celery-task-meta-{task_id}", f"celery-task-meta-{chunk[0].id}"
-        )
+        direct.client.delete(NOBODY, f"celery-task-meta-{task_id}", f"celery-task-meta-{chunk_id}")
     for got in received:
         assert type(got) is RemoteError
         assert got.type_name == name

@@ -518,7 +518,7 @@ def test_unpicklable_variadic_argument_is_named_by_position() -> None:
 
 def test_unpicklable_argument_in_a_map_chunk_is_named() -> None:
     with pytest.raises(SerializationError) as excinfo:
-        dump_calls(add, [((1, 2), {}), ((3,), {"y": threading.Lock()})])
+        dump_calls(add, [("t1", (1, 2), {}), ("t2", (3,), {"y": threading.Lock()})])
     assert str(excinfo.value).startswith(f"Argument 'y' of {__name__}:add cannot be serialized")
 
 

@@ -37,8 +37,8 @@ from .dispatch import dispatch_base
 from .dispatch import dispatch_entry
 from .dispatch import DISPATCH_LATE
 from .dispatch import SafeRequest
-from .dispatch import Worker
 from .errors import ConfigurationError
+from .running import Worker
 
 __all__ = ["FAIL_FAST", "VISIBILITY_TIMEOUT", "CeleryApp", "build", "celery_settings", "serve_long"]
 

@@ -73,14 +73,23 @@ def safe_url(url: str) -> str:
 
 @dataclasses.dataclass
 class Prepared:
-    """Calls ready to send: one ``(task id, envelope, handler)`` per message, the
-    futures in call order, and how they travel."""
+    """Calls ready to send: one ``(task id, envelope, handler)`` per message; what the
+    watcher follows (each future under its task id, and each chunk under the chunk's,
+    for what befalls the whole message); the futures in call order; how they travel."""
 
     items: list[tuple[str, str, Handler]]
+    watched: list[tuple[str, Handler]]
     futures: list[Future[t.Any]]
     label: str
     options: dict[str, t.Any]
     task: Task
+
+    def add(self, task_id: str, envelope: str, handler: Handler) -> None:
+        self.items.append((task_id, envelope, handler))
+        self.watched.append((task_id, handler))
+        members = handler.members if isinstance(handler, Chunk) else [handler]
+        self.watched += [(member.id, member) for member in members if member.id != task_id]
+        self.futures += members
 
 
 class Client:
@@ -129,7 +138,7 @@ class Client:
         """Send ``func(*args, **kwargs)``; return its future."""
         if not callable(func):
             raise TypeError(f"submit() needs a callable; got {func!r}.")
-        prepared = self.prepare(func, [(tuple(args), dict(kwargs or {}))], options, None)
+        prepared = self.prepare(func, [(tuple(args), dict(kwargs or {}))], options)
         self.send(prepared)
         return t.cast(Future[R], prepared.futures[0])
 
@@ -150,7 +159,7 @@ class Client:
             (tuple(call) if isinstance(call, (tuple, list)) else (call,), dict(constant))
             for call in calls
         ]
-        prepared = self.prepare(func, prepared_calls, options, chunksize)
+        prepared = self.prepare(func, prepared_calls, options, chunksize or 1)
         self.send(prepared)
         return FuturePool(t.cast(list[Future[R]], prepared.futures))
 
@@ -159,10 +168,11 @@ class Client:
         func: Callable[..., t.Any],
         calls: list[tuple[tuple[t.Any, ...], dict[str, t.Any]]],
         options: dict[str, t.Any],
-        chunksize: int | None,
+        chunksize: int = 1,
     ) -> Prepared:
         """Check the options, sanitize, pickle and seal ``calls`` of ``func``: one
-        message per call, or per ``chunksize`` calls.
+        message per call, or per ``chunksize`` calls (a chunk, whose calls each keep
+        their own task id, future and outcome: :mod:`flask_execute.chunks`).
 
         :raises SerializationError: an argument cannot be pickled (named).
         :raises TypeError, ValueError: a Celery option that cannot be used (named).
@@ -179,32 +189,29 @@ class Client:
         if not self.eager:
             self._start()  # local services (the embedded broker, maybe) come first
             reply = self.watcher().reply_channel
-        futures: list[Future[t.Any]] = []
-        items: list[tuple[str, str, Handler]] = []
-        size = chunksize or 1
-        for start in range(0, len(sanitized), size):
-            batch = sanitized[start : start + size]
+        prepared = Prepared([], [], [], label, options, task)
+        for start in range(0, len(sanitized), chunksize):
+            batch = sanitized[start : start + chunksize]
             task_id = str(uuid.uuid4())
-            if chunksize is None:
+            if chunksize == 1:
                 payload, by_value = dump_call(func, *batch[0], **self.pickling)
                 envelope = self.seal_call(
                     task_id, payload, by_value, label, options, "call", task, reply
                 )
                 future: Future[t.Any] = Future(task_id, self, name=label, queue=queue)
-                futures.append(future)
-                items.append((task_id, envelope, future))
-            else:
-                payload, by_value = dump_calls(func, batch, **self.pickling)
-                envelope = self.seal_call(
-                    task_id, payload, by_value, label, options, "chunk", task, reply
-                )
-                chunk = Chunk(task_id)
-                chunk.members = [
-                    Future(task_id, self, name=label, queue=queue, chunk=chunk) for _ in batch
-                ]
-                futures.extend(chunk.members)
-                items.append((task_id, envelope, chunk))
-        return Prepared(items, futures, label, options, task)
+                prepared.add(task_id, envelope, future)
+                continue
+            chunk = Chunk(task_id)
+            members = [(str(uuid.uuid4()), args, kwargs) for args, kwargs in batch]
+            payload, by_value = dump_calls(func, members, **self.pickling)
+            envelope = self.seal_call(
+                task_id, payload, by_value, label, options, "chunk", task, reply
+            )
+            chunk.members = [
+                Future(mid, self, name=label, queue=queue, chunk=chunk) for mid, _, _ in members
+            ]
+            prepared.add(task_id, envelope, chunk)
+        return prepared
 
     def send(self, prepared: Prepared) -> None:
         """Run the prepared calls eagerly, or start local services and publish them."""
@@ -213,7 +220,7 @@ class Client:
                 self.eager_runs.run(handler, task_id, envelope, prepared.task)
         elif prepared.items:
             self._start()
-            self.publish(prepared.items, prepared.label, prepared.options, prepared.task)
+            self.publish(prepared, prepared.label, prepared.options, prepared.task)
 
     def _sanitize(
         self, args: tuple[t.Any, ...], kwargs: dict[str, t.Any]
@@ -264,7 +271,7 @@ class Client:
 
     def publish(
         self,
-        items: list[tuple[str, str, Handler]],
+        prepared: Prepared,
         label: str,
         options: dict[str, t.Any],
         task: Task | None = None,
@@ -272,8 +279,9 @@ class Client:
         """Publish envelopes (one producer connection for all of them), watching each
         task id before its message leaves."""
         task = task or self.celery_app.dispatch
+        items = prepared.items
         watcher = self.watcher()
-        for task_id, _, handler in items:
+        for task_id, handler in prepared.watched:
             watcher.watch(task_id, handler)
         try:
             parent = self.controller.current_worker_task
@@ -292,7 +300,7 @@ class Client:
                         **options,
                     )
         except (OperationalError, OSError) as exc:
-            for task_id, _, _ in items:
+            for task_id, _ in prepared.watched:
                 watcher.forget(task_id)
             raise BrokerUnavailable(
                 f"Cannot reach the Celery broker at {safe_url(self.broker_url)}: {exc}."
@@ -345,17 +353,24 @@ class Client:
             return False
         if not self.claims.cancel(future.id) and not terminate:
             return False  # a worker claimed it first: it started
-        self.controller.control.revoke(future.id, terminate=terminate, signal="SIGTERM")
-        if not terminate and future.chunk is None:
+        # a member of a chunk has no message of its own: its claim is all it takes,
+        # unless it runs and is to be stopped (its chunk's process then stops too)
+        message = future.id if future.chunk is None else future.chunk.task_id
+        if future.chunk is None or terminate:
+            self.controller.control.revoke(message, terminate=terminate, signal="SIGTERM")
+        if not terminate:
             self._watcher().release(future.id, future)  # settled here; nothing to wait for
         return True
 
     def hold(self, future: Future[t.Any]) -> None:
-        """Keep delivering to ``future`` (its chunk) while only its callbacks need it."""
+        """Keep delivering to ``future`` (and its chunk) while only its callbacks need
+        it."""
+        if self.eager:
+            return
+        watcher = self._watcher()
+        watcher.hold(future.id, future)
         if future.chunk is not None:
-            self._watcher().hold(future.chunk.task_id, future.chunk)
-        elif not self.eager:
-            self._watcher().hold(future.id, future)
+            watcher.hold(future.chunk.task_id, future.chunk)
 
     def async_result(self, task_id: str) -> t.Any:
         return self.controller.AsyncResult(task_id)

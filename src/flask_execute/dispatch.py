@@ -15,32 +15,31 @@ failure it accepts.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import pickle
 import typing as t
 
 from celery.exceptions import Ignore
-from celery.exceptions import Reject
 from celery.exceptions import Retry
 from celery.worker.request import Request as CeleryRequest
 from celery.worker.state import task_ready
 
-from .claims import Claims
+from .chunks import run_chunk
 from .context import eager_run_active
-from .envelopes import Codec
 from .envelopes import reply_channel
 from .errors import RemoteError
 from .errors import SerializationError
 from .errors import SignatureError
 from .failures import seal_failure
 from .message_fields import unsigned_field_problem
-from .outcomes import contained
 from .redaction import SealedResult
 from .refusals import alert
 from .refusals import Refused
-from .serialization import dump_exception
+from .running import CONTROL_FLOW
+from .running import exit_error
+from .running import leaving
+from .running import Worker
 from .serialization import dumps
 from .serialization import format_exception
 
@@ -53,7 +52,6 @@ __all__ = [
     "DISPATCH_LATE",
     "DISPATCH_TASKS",
     "SafeRequest",
-    "Worker",
     "dispatch_base",
     "dispatch_entry",
     "execute",
@@ -66,28 +64,6 @@ DISPATCH_LATE = "flask_execute.dispatch_acks_late"
 log = logging.getLogger(__name__)
 #: The names of both dispatch tasks.
 DISPATCH_TASKS = frozenset({DISPATCH, DISPATCH_LATE})
-_CONTROL_FLOW = (Retry, Ignore, Reject)
-
-try:  # billiard >= 4.3: did this pool process's own SIGTERM handler raise SystemExit?
-    from billiard.common import terminate_handler_fired as _leaving
-except ImportError:  # pragma: no cover - older billiard
-
-    def _leaving() -> bool:
-        return False
-
-
-@dataclasses.dataclass(frozen=True)
-class Worker:
-    """What the dispatch tasks of one app need on a worker: the ``codec`` that opens
-    calls and seals outcomes, the ``claims`` that decide at most one run per task id,
-    and the at-least-once delivery cap."""
-
-    codec: Codec
-    claims: Claims
-    max_deliveries: int
-    #: task id -> the caller's reply channel, for the calls this process runs (the
-    #: result backend publishes their states there too; see backend.py)
-    replies: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 class SafeRequest(CeleryRequest):  # type: ignore[misc]
@@ -297,24 +273,7 @@ def _run(
         raise _sealed_failure(worker, tid, error, format_exception(exc)) from None
     if header.get("k") == "chunk":
         func, calls = call
-        outcomes: list[tuple[bool, object]] = []
-        for args, kwargs in calls:
-            try:
-                outcomes.append((True, func(*args, **kwargs)))
-            except _CONTROL_FLOW:
-                raise
-            except Exception as exc:
-                outcomes.append((False, (exc, format_exception(exc))))
-            except BaseException as exc:
-                if _leaving():
-                    raise
-                outcomes.append((False, (_exit_error(exc), format_exception(exc))))
-        try:
-            data, by_value = dumps(outcomes)
-        except Exception:
-            # find the one result that cannot travel and report it alone
-            data, by_value = dumps([_portable(label, o) for o in outcomes])
-        return worker.codec.seal("result", tid, data, by_value=by_value)
+        return run_chunk(task, worker, header, func, calls, eager, task.name == DISPATCH_LATE)
     func, args, kwargs = call
     try:
         value = func(*args, **kwargs)
@@ -323,20 +282,20 @@ def _run(
         if not eager:
             worker.claims.allow_retry(tid, (task.request.retries or 0) + 1)
         raise
-    except _CONTROL_FLOW:
+    except CONTROL_FLOW:
         raise
     except Exception as exc:
         raise _sealed_failure(worker, tid, exc, format_exception(exc)).with_traceback(
             exc.__traceback__
         ) from None
     except BaseException as exc:
-        if _leaving():
+        if leaving():
             # the SystemExit of billiard's SIGTERM handler (cancel(terminate=True), a
             # cold shutdown): this process is on its way out, the task did not finish
             raise
         # raised by the task's own code (SystemExit, KeyboardInterrupt, GeneratorExit,
         # asyncio.CancelledError, ...): reported, never re-raised; the worker lives on
-        raise _sealed_failure(worker, tid, _exit_error(exc), format_exception(exc)) from None
+        raise _sealed_failure(worker, tid, exit_error(exc), format_exception(exc)) from None
     try:
         data, by_value = dumps(value)
     except Exception as exc:
@@ -346,26 +305,6 @@ def _run(
         )
         raise _sealed_failure(worker, tid, error, format_exception(exc)) from None
     return worker.codec.seal("result", tid, data, by_value=by_value)
-
-
-def _exit_error(exc: BaseException) -> BaseException:
-    return contained(exc, format_exception(exc), "; the worker was kept running")
-
-
-def _portable(label: str, outcome: tuple[bool, object]) -> tuple[bool, object]:
-    ok, value = outcome
-    try:
-        dumps(value)
-        return outcome
-    except Exception as exc:
-        if ok:
-            error = SerializationError(
-                f"The return value of {label} ({type(value).__name__}) cannot be"
-                f" serialized: {type(exc).__name__}: {exc}. Return something picklable."
-            )
-            return False, (error, "")
-        original, tb_text = t.cast(tuple[BaseException, str], value)
-        return False, (pickle.loads(dump_exception(original, tb_text))[0], tb_text)
 
 
 def _sealed_failure(worker: Worker, tid: str, exc: BaseException, tb_text: str) -> Exception:

@@ -42,16 +42,20 @@ from .futures import READY
 
 __all__ = [
     "EXPIRED",
+    "STREAMED",
     "UNREADABLE",
     "Outcome",
     "Outcomes",
     "contained",
+    "read_replies",
     "read_state",
     "unreadable",
 ]
 
 Handler: t.TypeAlias = Future[t.Any] | Chunk
 
+#: The result of a chunk whose members' outcomes were stored one by one.
+STREAMED = "streamed"
 #: The key of a meta that stands for an unreadable state; its value says why.
 UNREADABLE = "flask_execute_unreadable"
 #: The meta standing for a call that finished (its claim says so) whose result the
@@ -90,6 +94,24 @@ def read_state(data: object) -> dict[str, t.Any]:
     return meta
 
 
+def read_replies(data: object) -> list[dict[str, t.Any]]:
+    """The states in one message of a reply channel: one state, or several (a JSON
+    array: a chunk's members). Never raises; what cannot be read is left out (a reply
+    names its task inside the state: without a readable one it concerns nobody)."""
+    try:
+        value = _kombu_loads(data)  # type: ignore[no-untyped-call]
+    except Exception:
+        return []
+    items = value if isinstance(value, list) else [value]
+    return [
+        item
+        for item in items
+        if isinstance(item, dict)
+        and isinstance(item.get("status"), str)
+        and isinstance(item.get("task_id"), str)
+    ]
+
+
 def contained(exc: BaseException, tb_text: str = "", note: str = "") -> BaseException:
     """``exc`` itself when it is an :class:`Exception`; otherwise a :class:`RemoteError`
     naming it, so that a task's ``SystemExit``, ``KeyboardInterrupt``,
@@ -116,11 +138,11 @@ class Outcomes:
     def __init__(self, codec: Codec) -> None:
         self.codec = codec
 
-    def read(self, task_id: str, meta: Mapping[str, t.Any], calls: int | None = None) -> Outcome:
-        """The outcome of task ``task_id`` (of a chunk of ``calls`` calls, when given).
-        Never raises: a state that does not make sense fails this task only."""
+    def read(self, task_id: str, meta: Mapping[str, t.Any]) -> Outcome:
+        """The outcome of task ``task_id``. Never raises: a state that does not make
+        sense fails this task only."""
         try:
-            return self._read(task_id, meta, calls)
+            return self._read(task_id, meta)
         except Exception as exc:
             error = SignatureError(
                 "malformed",
@@ -130,14 +152,12 @@ class Outcomes:
             return Outcome(states.FAILURE, exc=error)
 
     def deliver(self, task_id: str, meta: Mapping[str, t.Any], handler: Handler) -> None:
-        """Move ``handler`` (a future, or the futures of a ``map`` chunk) to the state
-        ``meta`` stands for."""
-        members = handler.members if isinstance(handler, Chunk) else [handler]
-        for member in members:
-            member.record(meta)
+        """Move ``handler`` (a future, or a ``map`` chunk) to the state ``meta`` stands
+        for."""
         if isinstance(handler, Chunk):
             self._deliver_chunk(task_id, meta, handler.members)
             return
+        handler.record(meta)
         outcome = self.read(task_id, meta)
         if outcome.status not in READY:
             handler.set_progress(outcome.status, outcome.value)
@@ -147,17 +167,29 @@ class Outcomes:
     def _deliver_chunk(
         self, task_id: str, meta: Mapping[str, t.Any], members: list[Future[t.Any]]
     ) -> None:
-        outcome = self.read(task_id, meta, calls=len(members))
+        """A state of a chunk's message. On a worker each member's own state travels
+        under the member's task id; the message's states matter only when it ends
+        without them (it failed before or between its calls, or was revoked): then
+        every member still pending ends the same way. An eager chunk's result holds
+        every member's outcome."""
+        outcome = self.read(task_id, meta)
         if outcome.status not in READY:
-            for member in members:
-                member.set_progress(outcome.status, outcome.value)
-        elif outcome.status == states.SUCCESS:
-            calls = t.cast(list[Outcome], outcome.value)
-            for member, call in zip(members, calls, strict=True):
-                member.settle(call.status, call.value, exc=call.exc)
-        else:
-            for member in members:
-                member.settle(outcome.status, exc=outcome.exc)
+            return
+        if outcome.status == states.SUCCESS:
+            if outcome.value == STREAMED:
+                return
+            try:
+                calls = [
+                    _call_outcome(task_id, item) for item in _exactly(outcome.value, len(members))
+                ]
+            except Exception as exc:
+                outcome = Outcome(states.FAILURE, exc=_refused_shape(task_id, exc))
+            else:
+                for member, call in zip(members, calls, strict=True):
+                    member.settle(call.status, call.value, exc=call.exc)
+                return
+        for member in members:
+            member.settle(outcome.status, exc=outcome.exc)
 
     def value(self, task_id: str, envelope: object) -> t.Any:
         """Verify and unpickle the result envelope of task ``task_id``.
@@ -189,7 +221,7 @@ class Outcomes:
             return exc
         return _received(signed, remote_tb if isinstance(remote_tb, str) and remote_tb else tb_text)
 
-    def _read(self, task_id: str, meta: Mapping[str, t.Any], calls: int | None) -> Outcome:
+    def _read(self, task_id: str, meta: Mapping[str, t.Any]) -> Outcome:
         status = meta.get("status")
         if not isinstance(status, str) or meta.get(UNREADABLE):
             why = meta.get(UNREADABLE) or "no status string"
@@ -211,9 +243,7 @@ class Outcomes:
             value = self.value(task_id, meta.get("result"))
         except Exception as exc:  # refused, or a signed value this process cannot load
             return Outcome(states.FAILURE, exc=exc)
-        if calls is None:
-            return Outcome(status, value)
-        return Outcome(status, [_call_outcome(task_id, item) for item in _exactly(value, calls)])
+        return Outcome(status, value)
 
 
 def _call_outcome(task_id: str, item: object) -> Outcome:
@@ -223,6 +253,14 @@ def _call_outcome(task_id: str, item: object) -> Outcome:
         return Outcome(states.SUCCESS, value)
     exc, tb_text = value
     return Outcome(states.FAILURE, exc=_received(exc, tb_text if isinstance(tb_text, str) else ""))
+
+
+def _refused_shape(task_id: str, exc: Exception) -> SignatureError:
+    return SignatureError(
+        "malformed",
+        f"The state stored for task {task_id} makes no sense ({type(exc).__name__});"
+        " it was refused.",
+    )
 
 
 def _exactly(value: object, calls: int) -> list[object]:

@@ -13,6 +13,7 @@ import uuid
 from .claims import claim_key
 from .envelopes import REPLY_PREFIX
 from .outcomes import EXPIRED
+from .outcomes import read_replies
 from .outcomes import read_state
 from .outcomes import UNREADABLE
 from .watcher import Deliver
@@ -99,10 +100,9 @@ class RedisWatcher(Watcher):
         if channel == self._reply:
             if data == _WAKE:
                 return
-            meta = _read("?", data)
-            task_id = meta.get("task_id")
-            if isinstance(task_id, str) and self._waits_on(task_id):
-                self._deliver(task_id, meta)
+            for meta in read_replies(data):
+                if self._waits_on(meta["task_id"]):
+                    self._deliver(meta["task_id"], meta)
             return
         try:
             task_id = channel[len(self._prefix) :].decode()

@@ -34,7 +34,6 @@ from .claims import Claims
 from .client import at_interpreter_exit
 from .client import Client
 from .client import safe_url
-from .dispatch import Worker
 from .envelopes import Codec
 from .errors import BrokerUnavailable
 from .keys import signing_keys
@@ -47,6 +46,7 @@ from .local import redis_answers
 from .locator import locate
 from .outcomes import Outcomes
 from .redis_watcher import RedisWatcher
+from .running import Worker
 from .watcher import PollingWatcher
 from .watcher import Watcher
 

@@ -247,16 +247,17 @@ def dump_call(
 
 def dump_calls(
     func: Callable[..., object],
-    calls: list[tuple[tuple[object, ...], dict[str, object]]],
+    calls: list[tuple[str, tuple[object, ...], dict[str, object]]],
     *,
     models: str | None = None,
     by_value: bool = True,
 ) -> tuple[bytes, bool]:
-    """Pickle several calls of one function (a ``map`` chunk)."""
+    """Pickle several calls of one function (a ``map`` chunk): ``(task id of the call,
+    args, kwargs)`` each."""
     try:
         data, used_value = dumps((func, calls), models=models)
     except Exception as exc:
-        for args, kwargs in calls:
+        for _, args, kwargs in calls:
             try:
                 dumps((args, kwargs), models=models)
             except Exception as inner:
