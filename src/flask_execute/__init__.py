@@ -11,6 +11,7 @@ import typing as t
 from .context import current_task
 from .errors import BrokerUnavailable
 from .errors import ConfigurationError
+from .errors import DependencyError
 from .errors import ExecuteError
 from .errors import RemoteError
 from .errors import RemoteTraceback
@@ -33,6 +34,7 @@ __all__ = [
     "Celery",
     "CeleryExecutor",
     "ConfigurationError",
+    "DependencyError",
     "ExecuteError",
     "Future",
     "FuturePool",

@@ -8,7 +8,10 @@ Celery's Redis backend with these changes for the dispatch tasks:
   reply channel (named in the signed envelope), so that only the process that waits
   receives it, and — for a final state — marks the call's claim ``done``: a claim says
   ``done`` exactly when an outcome is stored, whatever instant a worker is killed at;
-- no read-before-write (our claims already make each task id run once).
+- no read-before-write (our claims already make each task id run once);
+- a final state also releases the calls that wait for this task (futures as
+  arguments), in the same atomic write, and they are published right after
+  (:mod:`flask_execute.outbox`).
 
 Installed through the Celery app loader's ``override_backends``.
 """
@@ -26,6 +29,7 @@ from .dispatch import DISPATCH_TASKS
 from .envelopes import Codec
 from .envelopes import reply_channel
 from .failures import seal_failure
+from .outbox import RELEASE
 from .outcomes import contained
 
 __all__ = ["QuietRedisBackend", "SealedFailures"]
@@ -34,8 +38,11 @@ log = logging.getLogger(__name__)
 
 # KEYS[1] the state key, KEYS[2] the claim key; ARGV[1] the encoded state, ARGV[2] its
 # expiry (seconds, 0: none), ARGV[3] the caller's reply channel ('' if none), ARGV[4] '1'
-# for a final state, ARGV[5] the claim's ttl. A claim the caller cancelled stays so.
-_STORE = """
+# for a final state, ARGV[5] the claim's ttl, ARGV[6] this app's outbox ('' for none).
+# A claim the caller cancelled stays so. Returns how many waiting calls it released.
+_STORE = (
+    RELEASE
+    + """
 if tonumber(ARGV[2]) > 0 then
     redis.call('setex', KEYS[1], ARGV[2], ARGV[1])
 else
@@ -50,9 +57,11 @@ if ARGV[4] == '1' then
     if claim and claim ~= 'cancelled' then
         redis.call('set', KEYS[2], 'done', 'EX', ARGV[5])
     end
+    return fe_release(KEYS[2], ARGV[1], ARGV[6])
 end
-return 1
+return 0
 """
+)
 
 
 class SealedFailures:
@@ -132,7 +141,8 @@ class QuietRedisBackend(SealedFailures, RedisBackend):  # type: ignore[misc]
         meta["task_id"] = task_id
         final = state in states.READY_STATES
         reply = _reply(runtime, task_id, request, final)
-        self.client.eval(
+        outbox = runtime.worker.outbox
+        released = self.client.eval(
             _STORE,
             2,
             self.get_key_for_task(task_id),
@@ -142,7 +152,10 @@ class QuietRedisBackend(SealedFailures, RedisBackend):  # type: ignore[misc]
             reply or "",
             "1" if final else "0",
             runtime.claims.ttl,
+            outbox.key if outbox is not None else "",
         )
+        if released and outbox is not None:
+            outbox.drain(self.client)
         return result
 
 

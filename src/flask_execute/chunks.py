@@ -28,6 +28,7 @@ from celery.exceptions import TaskRevokedError
 from .claims import claim_key
 from .errors import RemoteError
 from .failures import seal_failure
+from .outbox import RELEASE
 from .outcomes import STREAMED
 from .running import call
 from .running import portable
@@ -42,11 +43,15 @@ Member = tuple[str, tuple[t.Any, ...], dict[str, t.Any]]
 # their encoded states), then claim the next member (KEYS[1] its claim key, KEYS[2] its
 # state key) and store its STARTED state (ARGV[2]). ARGV[1] claim ttl, ARGV[3] state
 # expiry (0: none), ARGV[4] reply channel ('' if none), ARGV[5] '1' when there is a
-# next member, ARGV[6] unused. Publishes every state on its key, and all of them in one
-# message (a JSON array) on the reply channel. Returns 1 when the next member was
-# claimed here, else its claim (or 0 without a next member).
-_ADVANCE = """
+# next member, ARGV[6] the app's outbox ('' for none). Publishes every state on its
+# key, and all of them in one message (a JSON array) on the reply channel; releases the
+# calls waiting for a finished member (outbox.py). Returns how many it released, then
+# 1 when the next member was claimed here, else its claim (or 0 without a next member).
+_ADVANCE = (
+    RELEASE
+    + """
 local parts = {}
+local released = 0
 local n = (#KEYS - 2) / 2
 for i = 1, n do
     local key, claim_key, value = KEYS[2 + 2 * i - 1], KEYS[2 + 2 * i], ARGV[6 + i]
@@ -60,6 +65,7 @@ for i = 1, n do
     if claim and claim ~= 'cancelled' then
         redis.call('set', claim_key, 'done', 'EX', ARGV[1])
     end
+    released = released + fe_release(claim_key, value, ARGV[6])
     parts[#parts + 1] = value
 end
 local result = 0
@@ -80,8 +86,9 @@ end
 if ARGV[4] ~= '' and #parts > 0 then
     redis.call('publish', ARGV[4], '[' .. table.concat(parts, ',') .. ']')
 end
-return result
+return {released, result}
 """
+)
 
 
 def run_chunk(
@@ -186,7 +193,9 @@ class _Stream:
             keys += [self._key(mid), claim_key(mid)]
             values.append(encoded)
         self._done = []
-        return self._backend.client.eval(
+        outbox = self._worker.outbox
+        client = self._backend.client
+        released, value = client.eval(
             _ADVANCE,
             len(keys),
             *keys,
@@ -195,9 +204,12 @@ class _Stream:
             int(self._backend.expires or 0),
             self._reply,
             "1" if next_mid else "0",
-            "",
+            outbox.key if outbox is not None else "",
             *values,
         )
+        if released and outbox is not None:
+            outbox.drain(client)
+        return value
 
     def _key(self, mid: str) -> str:
         return t.cast(str, self._backend.get_key_for_task(mid))

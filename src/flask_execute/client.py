@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
-import datetime
 import threading
 import typing as t
 import uuid
@@ -28,13 +27,18 @@ from werkzeug.local import LocalProxy
 from .celery_conf import CeleryApp
 from .claims import Claims
 from .config import Settings
+from .dependencies import Dependencies
+from .dependencies import frame
+from .dependencies import publish_options
 from .eager import EagerRuns
 from .envelopes import Codec
 from .errors import BrokerUnavailable
+from .errors import DependencyError
 from .futures import Chunk
 from .futures import Future
 from .message_fields import lineage
 from .options import check_options
+from .options import not_before
 from .outcomes import Outcomes
 from .pool import FuturePool
 from .serialization import dump_call
@@ -83,6 +87,8 @@ class Prepared:
     label: str
     options: dict[str, t.Any]
     task: Task
+    #: the calls that wait for futures given as arguments: their dependencies' ids
+    waiting: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
     def add(self, task_id: str, envelope: str, handler: Handler) -> None:
         self.items.append((task_id, envelope, handler))
@@ -126,6 +132,7 @@ class Client:
             "by_value": settings.pickle_by_value,
         }
         self.eager_runs = EagerRuns(outcomes)
+        self.dependencies = Dependencies(self.controller, claims.ttl, self)
 
     # --- submitting ------------------------------------------------------------------
     def apply(
@@ -194,13 +201,23 @@ class Client:
             batch = sanitized[start : start + chunksize]
             task_id = str(uuid.uuid4())
             if chunksize == 1:
-                payload, by_value = dump_call(func, *batch[0], **self.pickling)
-                envelope = self.seal_call(
-                    task_id, payload, by_value, label, options, "call", task, reply
-                )
                 future: Future[t.Any] = Future(task_id, self, name=label, queue=queue)
+                try:  # futures among the arguments (resolved inline when eager)
+                    args, kwargs, after = self.dependencies.take(label, task_id, *batch[0])
+                except DependencyError as error:
+                    future.settle("FAILURE", exc=error)
+                    prepared.futures.append(future)
+                    continue
+                payload, by_value = dump_call(func, args, kwargs, **self.pickling)
+                if after:
+                    prepared.waiting[task_id] = after
+                    payload = frame(after, payload)
+                envelope = self.seal_call(
+                    task_id, payload, by_value, label, options, "call", task, reply, after
+                )
                 prepared.add(task_id, envelope, future)
                 continue
+            self.dependencies.refuse(batch, chunksize)
             chunk = Chunk(task_id)
             members = [(str(uuid.uuid4()), args, kwargs) for args, kwargs in batch]
             payload, by_value = dump_calls(func, members, **self.pickling)
@@ -246,10 +263,12 @@ class Client:
         kind: str = "call",
         task: Task | None = None,
         reply: str | None = None,
+        after: list[str] | None = None,
     ) -> str:
         """The call envelope of ``payload`` for task ``task_id``; ``reply`` is the
-        channel of this process's result watcher."""
-        root, parent = lineage(task_id, self.controller.current_worker_task)
+        channel of this process's result watcher; a call that waits for the
+        futures ``after`` carries the options the worker that publishes it uses."""
+        root, parent = lineage(task_id, self.controller.current_worker_task, after)
         extra: dict[str, object] = {
             "fn": label,
             "task": (task or self.celery_app.dispatch).name,
@@ -260,12 +279,15 @@ class Client:
             extra["reply"] = reply
         if kind != "call":
             extra["k"] = kind
+        if after:
+            extra["after"] = len(after)
+            extra["send"] = publish_options(options)
         return self.codec.seal(
             "call",
             task_id,
             payload,
             by_value=by_value,
-            not_before=_not_before(options),
+            not_before=not_before(options),
             extra=extra,
         )
 
@@ -284,10 +306,13 @@ class Client:
         for task_id, handler in prepared.watched:
             watcher.watch(task_id, handler)
         try:
+            # a call waiting for futures is published by the worker that finishes them
+            waiting = prepared.waiting
+            items = self.dependencies.hold(items, waiting)
             parent = self.controller.current_worker_task
             with self.controller.producer_or_acquire() as producer:
                 for task_id, envelope, _ in items:
-                    root_id, parent_id = lineage(task_id, parent)  # as sealed
+                    root_id, parent_id = lineage(task_id, parent, waiting.get(task_id))
                     task.apply_async(
                         (envelope,),
                         task_id=task_id,
@@ -302,6 +327,8 @@ class Client:
         except (OperationalError, OSError) as exc:
             for task_id, _ in prepared.watched:
                 watcher.forget(task_id)
+            if isinstance(exc, BrokerUnavailable):  # the result backend's (hold)
+                raise
             raise BrokerUnavailable(
                 f"Cannot reach the Celery broker at {safe_url(self.broker_url)}: {exc}."
                 " Is it running? (CELERY_BROKER_URL)"
@@ -389,13 +416,3 @@ class Client:
             self.settings.start_local_workers,
             self.broker_url,
         )
-
-
-def _not_before(options: Mapping[str, t.Any]) -> float | None:
-    eta = options.get("eta")
-    if isinstance(eta, datetime.datetime):
-        return eta.timestamp()
-    countdown = options.get("countdown")
-    if isinstance(countdown, (int, float)):
-        return datetime.datetime.now().timestamp() + countdown
-    return None

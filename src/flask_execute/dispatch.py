@@ -27,12 +27,16 @@ from celery.worker.state import task_ready
 
 from .chunks import run_chunk
 from .context import eager_run_active
+from .dependencies import dependency_error
+from .dependencies import substitute
+from .dependencies import unframe
 from .envelopes import reply_channel
 from .errors import RemoteError
 from .errors import SerializationError
 from .errors import SignatureError
 from .failures import seal_failure
 from .message_fields import unsigned_field_problem
+from .outcomes import Outcomes
 from .redaction import SealedResult
 from .refusals import alert
 from .refusals import Refused
@@ -42,6 +46,9 @@ from .running import leaving
 from .running import Worker
 from .serialization import dumps
 from .serialization import format_exception
+from .upstream import read_upstream
+from .upstream import remote_traceback
+from .upstream import Upstream
 
 if t.TYPE_CHECKING:
     from celery import Task
@@ -168,18 +175,19 @@ def execute(task: Task, worker: Worker, envelope: str) -> t.Any:
     (:func:`eager_run_active`), never by request fields a broker writer could set.
     """
     eager = eager_run_active()
-    header, payload = _admit(task, worker, envelope, eager)
+    header, payload, upstream = _admit(task, worker, envelope, eager)
     # Once the call finished (either way), later deliveries are duplicates, even after
     # its result expired: the result backend marks the claim done in the same atomic
     # write that stores the outcome (backend.py), so a worker killed at any instant
     # either stored an outcome or left the call to run again (at-least-once).
-    return _run(task, worker, header, payload, eager)
+    return _run(task, worker, header, payload, eager, upstream)
 
 
 def _admit(
     task: Task, worker: Worker, envelope: str, eager: bool
-) -> tuple[dict[str, t.Any], bytes]:
-    """Check the envelope and claim the task id; raise Ignore for what must not run."""
+) -> tuple[dict[str, t.Any], bytes, Upstream | None]:
+    """Check the envelope, read the outcomes of the calls it waited for, and claim the
+    task id; raise Ignore for what must not run."""
     request = task.request
     bindings: dict[str, object] = {"task": task.name}
     if not eager:  # a worker: the message's lineage is signed too
@@ -198,6 +206,15 @@ def _admit(
     if not eager and not _parent_agrees(header.get("parent"), request, tid):
         _reject(task, SignatureError("binding_mismatch", "Envelope is not for this parent."))
     label = header.get("fn", "?")
+    upstream = None
+    if header.get("after"):  # futures as arguments: the ids are in the signed payload
+        after, payload = unframe(payload)
+        upstream = read_upstream(task.backend, Outcomes(worker.codec), after)
+        if upstream is None:
+            # only a forged release publishes a call before its dependencies finished
+            log.warning("flask-execute: task %s [%s] arrived before its dependencies"
+                        " finished; dropped unclaimed", label, tid)  # fmt: skip
+            raise Ignore()
     if not eager:
         reply = reply_channel(header)
         claim = worker.claims.claim(
@@ -245,7 +262,7 @@ def _admit(
                     "retries": request.retries or 0,
                 },
             )
-    return header, payload
+    return header, payload, upstream
 
 
 def _parent_agrees(signed: object, request: t.Any, tid: str) -> bool:
@@ -257,11 +274,21 @@ def _parent_agrees(signed: object, request: t.Any, tid: str) -> bool:
 
 
 def _run(
-    task: Task, worker: Worker, header: dict[str, t.Any], payload: bytes, eager: bool
+    task: Task,
+    worker: Worker,
+    header: dict[str, t.Any],
+    payload: bytes,
+    eager: bool,
+    upstream: Upstream | None = None,
 ) -> t.Any:
-    """Unpickle the verified call, run it, seal what it returned or raised."""
+    """Unpickle the verified call, run it (with its dependencies' values in place),
+    seal what it returned or raised."""
     tid: str = header["tid"]
     label = header.get("fn", "?")
+    if upstream is not None and upstream.failed is not None:
+        dependency, cause = upstream.failed
+        failed = dependency_error(label, tid, dependency, cause)
+        raise _sealed_failure(worker, tid, failed, remote_traceback(cause)) from None
     try:
         call = pickle.loads(payload)
     except Exception as exc:
@@ -275,6 +302,8 @@ def _run(
         func, calls = call
         return run_chunk(task, worker, header, func, calls, eager, task.name == DISPATCH_LATE)
     func, args, kwargs = call
+    if upstream is not None:
+        args, kwargs = substitute((args, kwargs), upstream.values)
     try:
         value = func(*args, **kwargs)
     except Retry:

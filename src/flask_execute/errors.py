@@ -14,6 +14,7 @@ import concurrent.futures
 __all__ = [
     "BrokerUnavailable",
     "ConfigurationError",
+    "DependencyError",
     "ExecuteError",
     "RemoteError",
     "RemoteTraceback",
@@ -110,6 +111,26 @@ class RemoteError(ExecuteError):
 
     def __reduce__(self) -> tuple[type[RemoteError], tuple[str, str, str]]:
         return (type(self), (self.type_name, self.remote_message, self.remote_traceback))
+
+
+class DependencyError(ExecuteError):
+    """A call was not run because a future given as one of its arguments failed or was
+    cancelled (``submit(g, f)`` where ``f`` did not succeed).
+
+    ``task_id`` is the dependency's task id; ``__cause__`` is the dependency's own
+    exception (a :class:`concurrent.futures.CancelledError` when it was cancelled).
+    """
+
+    def __init__(self, message: str, task_id: str, cause: BaseException | None = None) -> None:
+        super().__init__(message)
+        self.task_id = task_id
+        self.__cause__ = cause
+
+    def __reduce__(
+        self,
+    ) -> tuple[type[DependencyError], tuple[str, str, BaseException | None]]:
+        # the cause travels with the error (pickle keeps no __cause__ by itself)
+        return (type(self), (str(self.args[0]), self.task_id, self.__cause__))
 
 
 class RemoteTraceback(Exception):

@@ -163,6 +163,11 @@ class Future(concurrent.futures.Future[T]):
         return "{}"
 
     @property
+    def link(self) -> FutureLink | None:
+        """The runtime that made this future (None: made by hand)."""
+        return self._link
+
+    @property
     def async_result(self) -> t.Any:
         """Celery's ``AsyncResult`` for this task (``None`` without a Celery app)."""
         if self._link is None:

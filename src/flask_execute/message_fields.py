@@ -73,11 +73,14 @@ def unsigned_field_problem(headers: Mapping[str, t.Any], embed: object) -> str |
     return None
 
 
-def lineage(task_id: str, parent: t.Any) -> tuple[str, str | None]:
+def lineage(task_id: str, parent: t.Any, after: list[str] | None = None) -> tuple[str, str | None]:
     """``(root_id, parent_id)`` of a call published now, as Celery's ``send_task``
     computes them: inside a task (``parent``, Celery's current worker task) the call
-    descends from it, else it is its own root."""
+    descends from it, else it is its own root. Outside a task, a call that waits for
+    the futures ``after`` descends from the first of them (as a link of a Celery chain
+    from the one before): whichever worker publishes it then keeps this parent (Celery
+    fills in its own current task only where a message has none)."""
     if parent is None:
-        return task_id, None
+        return task_id, after[0] if after else None
     request = parent.request
     return str(request.root_id or request.id), str(request.id)

@@ -13,7 +13,7 @@ import math
 import typing as t
 from collections.abc import Mapping
 
-__all__ = ["REFUSED_OPTIONS", "RESERVED_OPTIONS", "check_options"]
+__all__ = ["REFUSED_OPTIONS", "RESERVED_OPTIONS", "check_options", "not_before"]
 
 #: Keyword names ``submit`` and ``map`` take as Celery options, not as arguments of
 #: the function. Use ``apply(func, args, kwargs, **options)`` when a function itself
@@ -94,3 +94,15 @@ def check_options(options: Mapping[str, object]) -> None:
         check = _CHECKS.get(name)
         if check is not None and not check[0](value):
             raise ValueError(f"Option {name!r} must be {check[1]}; got {value!r}.")
+
+
+def not_before(options: Mapping[str, t.Any]) -> float | None:
+    """When a call may run at the earliest (its ``eta`` or ``countdown``), as a
+    timestamp; None: at once."""
+    eta = options.get("eta")
+    if isinstance(eta, datetime.datetime):
+        return eta.timestamp()
+    countdown = options.get("countdown")
+    if isinstance(countdown, (int, float)):
+        return datetime.datetime.now().timestamp() + countdown
+    return None

@@ -23,6 +23,7 @@ from celery.exceptions import Retry
 from .claims import Claims
 from .envelopes import Codec
 from .errors import SerializationError
+from .outbox import Outbox
 from .outcomes import contained
 from .serialization import dump_exception
 from .serialization import dumps
@@ -55,6 +56,8 @@ class Worker:
     #: task id -> the caller's reply channel, for the calls this process runs (the
     #: result backend publishes their states there too; see backend.py)
     replies: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: publishes the calls whose dependencies finished (futures as arguments)
+    outbox: Outbox | None = None
 
 
 def exit_error(exc: BaseException) -> BaseException:

@@ -44,6 +44,8 @@ from .local import EmbeddedRedis
 from .local import LocalServices
 from .local import redis_answers
 from .locator import locate
+from .outbox import drain_at_start
+from .outbox import Outbox
 from .outcomes import Outcomes
 from .redis_watcher import RedisWatcher
 from .running import Worker
@@ -89,7 +91,10 @@ class Runtime:
         self.claims = Claims(
             self.controller, int(self.codec.max_age) + 60, self.settings.max_deliveries
         )
-        self.worker = Worker(self.codec, self.claims, self.settings.max_deliveries)
+        dispatch_tasks = (self.celery_app.dispatch, self.celery_app.dispatch_late)
+        outbox = Outbox(self.codec, self.controller, {task.name: task for task in dispatch_tasks})
+        self.worker = Worker(self.codec, self.claims, self.settings.max_deliveries, outbox=outbox)
+        drain_at_start(self.controller, lambda: self.worker.outbox)
         self._watcher: Watcher | None = None
         self._watcher_pid = 0
         self._watcher_lock = threading.Lock()

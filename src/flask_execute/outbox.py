@@ -1,0 +1,167 @@
+"""The worker side of futures as arguments: publishing the calls whose dependencies
+finished (:mod:`flask_execute.dependencies` registers them).
+
+When a worker stores a task's final state, the same atomic script (:data:`RELEASE`,
+part of the result backend's store and of a ``map`` chunk's) looks at the calls waiting
+for that task: on success it crosses the task off each one's unmet set, and a call with
+nothing left is *released*; on failure or cancellation every waiting call is released
+at once (its own worker fails it with ``DependencyError``). A released call's id goes
+into this app's outbox (a sorted set, in the result backend), in that same write: a
+worker killed right after storing the outcome leaves it there, never loses it.
+
+The storing worker then drains the outbox (:meth:`Outbox.drain`): it takes the due
+entries under a lease (so two workers do not publish one at once, and a worker that
+dies while publishing leaves it to the next drain, after :data:`LEASE` seconds),
+verifies each stored envelope — signed by this app, for this task id, for a call that
+waits — and publishes it with the options and lineage its signed header names. A
+forged entry (another envelope, a changed one, a task id nobody registered) is logged
+at CRITICAL and dropped; it never reaches the broker. A call published twice runs once
+(its claim). Every worker also drains when it starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import typing as t
+import weakref
+from collections.abc import Mapping
+
+from .dependencies import restore_options
+from .dependencies import waiting_key
+from .envelopes import Codec
+from .errors import SignatureError
+from .refusals import alert
+from .refusals import Refused
+
+__all__ = ["LEASE", "RELEASE", "Outbox", "drain_at_start"]
+
+log = logging.getLogger(__name__)
+
+#: Seconds a drain holds an outbox entry before another drain may publish it again.
+LEASE = 30
+_BATCH = 200
+
+#: A Lua function for the scripts that store a final state: ``fe_release(claim key,
+#: encoded state, outbox key)`` releases the calls waiting for that task (the task id
+#: is the claim key's tail); returns how many were released.
+RELEASE = """
+local function fe_release(claim_key, encoded, outbox)
+    if outbox == '' then return 0 end
+    local tid = string.sub(claim_key, 21)
+    local dependents = 'flask-execute:dependents:' .. tid
+    local waiting = redis.call('smembers', dependents)
+    if #waiting == 0 then return 0 end
+    local ok, meta = pcall(cjson.decode, encoded)
+    local success = ok and type(meta) == 'table' and meta['status'] == 'SUCCESS'
+    local now = tonumber(redis.call('time')[1])
+    local released = 0
+    for _, call in ipairs(waiting) do
+        local unmet = 'flask-execute:unmet:' .. call
+        if success then redis.call('srem', unmet, tid) end
+        if not success or redis.call('scard', unmet) == 0 then
+            redis.call('del', unmet)
+            redis.call('zadd', outbox, now, call)
+            released = released + 1
+        end
+    end
+    redis.call('del', dependents)
+    return released
+end
+"""
+
+# Take up to ARGV[2] due entries of the outbox KEYS[1] under a lease of ARGV[1] seconds;
+# return each id followed by its stored envelope ('' when there is none).
+_TAKE = """
+local now = tonumber(redis.call('time')[1])
+local due = redis.call('zrangebyscore', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
+local out = {}
+for _, call in ipairs(due) do
+    redis.call('zadd', KEYS[1], now + tonumber(ARGV[1]), call)
+    out[#out + 1] = call
+    out[#out + 1] = redis.call('get', 'flask-execute:waiting:' .. call) or ''
+end
+return out
+"""
+
+
+class Outbox:
+    """The released calls of one app, published by its workers."""
+
+    def __init__(self, codec: Codec, controller: t.Any, tasks: Mapping[str, t.Any]) -> None:
+        """``tasks`` are the app's dispatch tasks by name: the only tasks a released
+        call may be published as."""
+        self._codec = codec
+        self._controller = weakref.proxy(controller)
+        self._tasks = dict(tasks)
+        #: the outbox of this app's signing key (apps sharing a Redis db keep apart)
+        self.key = f"flask-execute:outbox:{codec.kid}"
+
+    def drain(self, client: t.Any) -> int:
+        """Publish every due released call; return how many were published. Never
+        raises: what could not be published stays for the next drain."""
+        published = 0
+        try:
+            while True:
+                taken = client.eval(_TAKE, 1, self.key, LEASE, _BATCH)
+                for i in range(0, len(taken), 2):
+                    published += self._publish(client, _text(taken[i]), _text(taken[i + 1]))
+                if len(taken) < 2 * _BATCH:
+                    return published
+        except Exception:
+            log.exception("flask-execute: could not publish the calls whose dependencies finished")
+            return published
+
+    def _publish(self, client: t.Any, task_id: str, envelope: str) -> int:
+        header: dict[str, t.Any] | None = None
+        if envelope:
+            try:
+                header, _ = self._codec.open(envelope, "call", task_id)
+            except SignatureError as exc:
+                alert(task_id, Refused(exc.reason, f"Released call refused: {exc}"))
+            else:
+                if not header.get("after") or header.get("task") not in self._tasks:
+                    alert(task_id, Refused("malformed", "Released envelope is not a waiting call."))
+                    header = None
+        if header is not None:
+            label = header.get("fn", "?")
+            with self._controller.producer_or_acquire() as producer:
+                self._tasks[header["task"]].apply_async(
+                    (envelope,),
+                    task_id=task_id,
+                    root_id=header.get("root"),
+                    parent_id=header.get("parent"),
+                    shadow=label,
+                    argsrepr=f"<{label}>",
+                    kwargsrepr="{}",
+                    producer=producer,
+                    **restore_options(header.get("send")),
+                )
+        pipe = client.pipeline()
+        pipe.delete(waiting_key(task_id))
+        pipe.zrem(self.key, task_id)
+        pipe.execute()
+        return int(header is not None)
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def drain_at_start(controller: t.Any, outbox: t.Callable[[], Outbox | None]) -> None:
+    """When a worker of ``controller`` is ready, publish what earlier workers released
+    and did not publish (they were killed in between)."""
+    from celery import signals
+
+    ref = weakref.ref(controller)
+
+    def ready(sender: t.Any = None, **_: t.Any) -> None:
+        owner, box = ref(), outbox()
+        if owner is None or box is None or getattr(sender, "app", None) is not owner:
+            return
+        client = getattr(t.cast(t.Any, owner).backend, "client", None)
+        if client is not None:
+            box.drain(client)
+
+    # held by the controller itself: the connection is weak and dies with the app
+    controller.flask_execute_drain = ready
+    signals.worker_ready.connect(ready)
