@@ -502,6 +502,11 @@ PLANS: dict[tuple[str, str], Plan] = {  # (page, the start of the block's first 
     ("docs/deployment.md", 'CELERY_BROKER_URL = "redis://'): ConfigFile(),
     ("docs/deployment.md", 'CELERY_BROKER_URL = "amqp://'): ConfigFile(),
     ("docs/deployment.md", "appendonly yes"): Exempt("redis.conf, not Python"),
+    # --- docs/dependencies.md ---
+    ("docs/dependencies.md", "import time"): Script(
+        "pipeline.py", stdout=["PENDING", "user 7 spent 50"]),
+    ("docs/dependencies.md", "pool = celery.map(add, *[(i, i) for i in range(100)])"): Session(),
+    ("docs/dependencies.md", "from flask_execute import DependencyError"): Session(),
     # --- docs/futures.md ---
     ("docs/futures.md", "Task my_app:add[5eb7...] not done"): OUTPUT,
     ("docs/futures.md", "f = celery.submit(report, countdown=60)"): Session(
