@@ -33,6 +33,7 @@ import time
 import typing as t
 from importlib import metadata
 
+from bench import chains
 from bench import measure
 from bench import report
 from bench import ROOT
@@ -69,6 +70,8 @@ class Plan:
     web_processes: tuple[int, ...]  # P: web processes, P - 1 of them idle ...
     web_calls: int  # ... while one makes this many calls ...
     web_rounds: int  # ... every (side, P) this many times
+    chain_blocks: int = 6  # 3-stage chains: rounds of the three ways ...
+    chain_block: int = 20  # ... of this many chains each
 
 
 FULL = Plan(
@@ -111,6 +114,8 @@ QUICK = Plan(
     web_processes=(1, 4, 16),
     web_calls=500,
     web_rounds=1,
+    chain_blocks=3,
+    chain_block=10,
 )
 
 
@@ -144,10 +149,16 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.monotonic() - started
     machine["load_end"] = _loadavg()
     rows = report.summary(results, plan) + webprocs.rows(results["webprocs"])
+    rows += chains.rows(results.get("chains"))
     print(report.console(rows, results, plan, elapsed))
     with open(out_path, "w") as f:
         text = report.markdown(
-            rows, results, plan, machine, elapsed, webprocs.details(results["webprocs"])
+            rows,
+            results,
+            plan,
+            machine,
+            elapsed,
+            webprocs.details(results["webprocs"]) + chains.details(results.get("chains")),
         )
         f.write(text)
     print(f"\nwrote {os.path.relpath(out_path)} ({plan.name} run, {elapsed:.0f} s)")
@@ -213,6 +224,11 @@ def run(plan: Plan, tmp: str) -> dict[str, t.Any]:
         progress(f"round trip: {n} calls per side in blocks of {plan.rt_block}")
         results["roundtrip"] = measure.roundtrip(
             fe_celery, plain_add, plan.rt_blocks, plan.rt_block, crypt_celery
+        )
+
+        progress(f"3-stage chains: {plan.chain_blocks * plan.chain_block} per way, three ways")
+        results["chains"] = chains.measure(
+            fe_celery, plain_add, plan.chain_blocks, plan.chain_block
         )
 
         progress(f"map of {plan.map_n:,} calls, six ways")

@@ -277,3 +277,32 @@ def test_forged_dependents_never_run_nor_substitute_a_value(setup, tmp_path, log
     error = victim.exception(timeout=20)
     assert isinstance(error, DependencyError)
     assert isinstance(error.__cause__, SignatureError)
+
+
+def test_a_waiting_call_published_early_is_dropped_and_still_runs_later(setup, tmp_path, log_dir):
+    app, celery = setup
+    state = runtime(app, celery)
+    client = state.controller.backend.client
+    release = str(tmp_path / "release")
+    first = celery.submit(tasks.wait_for_file, release)
+    dependent = celery.submit(tasks.add, first, "!")
+    envelope = client.get(waiting_key(dependent.id)).decode()
+    header, _ = state.codec.open(envelope, "call", dependent.id)
+    log = os.path.join(
+        log_dir, "direct.log" if app.import_name.endswith("direct") else "factory.log"
+    )
+    offset = os.path.getsize(log)
+    # someone who can read Redis and write to the broker sends it before its time
+    state.celery_app.dispatch.apply_async(
+        (envelope,), task_id=dependent.id, root_id=header["root"], parent_id=header["parent"]
+    )
+
+    def dropped():
+        with open(log) as f:
+            f.seek(offset)
+            return f"[{dependent.id}] arrived before its dependencies" in f.read()
+
+    assert wait_for(dropped)
+    assert dependent.state == "PENDING"
+    open(release, "w").close()
+    assert dependent.result(timeout=20) == "released!"
