@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 # KEYS[1] the state key, KEYS[2] the claim key; ARGV[1] the encoded state, ARGV[2] its
 # expiry (seconds, 0: none), ARGV[3] the caller's reply channel ('' if none), ARGV[4] '1'
 # for a final state, ARGV[5] the claim's ttl, ARGV[6] this app's outbox ('' for none).
-# A claim the caller cancelled stays so. Returns how many waiting calls it released.
+# A claim the caller cancelled stays so. Returns the waiting calls it released, taken
+# from the outbox (outbox.py), to publish.
 _STORE = (
     RELEASE
     + """
@@ -57,9 +58,11 @@ if ARGV[4] == '1' then
     if claim and claim ~= 'cancelled' then
         redis.call('set', KEYS[2], 'done', 'EX', ARGV[5])
     end
-    return fe_release(KEYS[2], ARGV[1], ARGV[6])
+    if fe_release(KEYS[2], ARGV[1], ARGV[6]) > 0 then
+        return fe_take(ARGV[6])
+    end
 end
-return 0
+return {}
 """
 )
 
@@ -142,21 +145,27 @@ class QuietRedisBackend(SealedFailures, RedisBackend):  # type: ignore[misc]
         final = state in states.READY_STATES
         reply = _reply(runtime, task_id, request, final)
         outbox = runtime.worker.outbox
-        released = self.client.eval(
-            _STORE,
-            2,
-            self.get_key_for_task(task_id),
-            claim_key(task_id),
-            self.encode(meta),
-            int(self.expires or 0),
-            reply or "",
-            "1" if final else "0",
-            runtime.claims.ttl,
-            outbox.key if outbox is not None else "",
+        taken = self._script()(
+            [self.get_key_for_task(task_id), claim_key(task_id)],
+            [
+                self.encode(meta),
+                int(self.expires or 0),
+                reply or "",
+                "1" if final else "0",
+                runtime.claims.ttl,
+                outbox.key if outbox is not None else "",
+            ],
         )
-        if released and outbox is not None:
-            outbox.drain(self.client)
+        if taken and outbox is not None:
+            outbox.publish(self.client, taken)
         return result
+
+    def _script(self) -> t.Any:
+        """:data:`_STORE`, sent by its SHA1 (EVALSHA), not as text on every store."""
+        script = self.__dict__.get("_flask_execute_store")
+        if script is None or script.registered_client is not self.client:
+            script = self.__dict__["_flask_execute_store"] = self.client.register_script(_STORE)
+        return script
 
 
 def _reply(runtime: t.Any, task_id: str, request: t.Any, final: bool) -> str | None:

@@ -45,8 +45,9 @@ Member = tuple[str, tuple[t.Any, ...], dict[str, t.Any]]
 # expiry (0: none), ARGV[4] reply channel ('' if none), ARGV[5] '1' when there is a
 # next member, ARGV[6] the app's outbox ('' for none). Publishes every state on its
 # key, and all of them in one message (a JSON array) on the reply channel; releases the
-# calls waiting for a finished member (outbox.py). Returns how many it released, then
-# 1 when the next member was claimed here, else its claim (or 0 without a next member).
+# calls waiting for a finished member (outbox.py). Returns 1 when the next member was
+# claimed here, else its claim (or 0 without a next member), then the released calls
+# taken from the outbox, to publish.
 _ADVANCE = (
     RELEASE
     + """
@@ -86,7 +87,10 @@ end
 if ARGV[4] ~= '' and #parts > 0 then
     redis.call('publish', ARGV[4], '[' .. table.concat(parts, ',') .. ']')
 end
-return {released, result}
+local out = {}
+if released > 0 then out = fe_take(ARGV[6]) end
+table.insert(out, 1, result)
+return out
 """
 )
 
@@ -175,6 +179,7 @@ class _Stream:
         self._backend = task.backend
         self._reply = worker.replies.get(task.request.id) or ""
         self._done: list[tuple[str, bytes | str]] = []  # (member id, encoded state)
+        self._script = self._backend.client.register_script(_ADVANCE)  # sent by SHA1
 
     def _encode(self, mid: str, state: str, result: object, tb_text: str | None) -> bytes | str:
         meta = self._backend._get_result_meta(
@@ -194,21 +199,20 @@ class _Stream:
             values.append(encoded)
         self._done = []
         outbox = self._worker.outbox
-        client = self._backend.client
-        released, value = client.eval(
-            _ADVANCE,
-            len(keys),
-            *keys,
-            self._worker.claims.ttl,
-            started,
-            int(self._backend.expires or 0),
-            self._reply,
-            "1" if next_mid else "0",
-            outbox.key if outbox is not None else "",
-            *values,
+        value, *taken = self._script(
+            keys,
+            [
+                self._worker.claims.ttl,
+                started,
+                int(self._backend.expires or 0),
+                self._reply,
+                "1" if next_mid else "0",
+                outbox.key if outbox is not None else "",
+                *values,
+            ],
         )
-        if released and outbox is not None:
-            outbox.drain(client)
+        if taken and outbox is not None:
+            outbox.publish(self._backend.client, taken)
         return value
 
     def _key(self, mid: str) -> str:

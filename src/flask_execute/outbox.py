@@ -33,18 +33,22 @@ from .errors import SignatureError
 from .refusals import alert
 from .refusals import Refused
 
-__all__ = ["LEASE", "RELEASE", "Outbox", "drain_at_start"]
+__all__ = ["BATCH", "LEASE", "RELEASE", "Outbox", "drain_at_start"]
 
 log = logging.getLogger(__name__)
 
 #: Seconds a drain holds an outbox entry before another drain may publish it again.
 LEASE = 30
-_BATCH = 200
+#: How many entries one round trip takes from the outbox.
+BATCH = 200
 
-#: A Lua function for the scripts that store a final state: ``fe_release(claim key,
+#: Lua functions for the scripts that store a final state. ``fe_release(claim key,
 #: encoded state, outbox key)`` releases the calls waiting for that task (the task id
-#: is the claim key's tail); returns how many were released.
-RELEASE = """
+#: is the claim key's tail) and returns how many it released; ``fe_take(outbox key)``
+#: takes up to :data:`BATCH` due entries under a lease of :data:`LEASE` seconds and
+#: returns each id followed by its stored envelope ('' when there is none). A script
+#: that released calls takes them in the same round trip (:meth:`Outbox.publish`).
+RELEASE = f"""
 local function fe_release(claim_key, encoded, outbox)
     if outbox == '' then return 0 end
     local tid = string.sub(claim_key, 21)
@@ -67,21 +71,21 @@ local function fe_release(claim_key, encoded, outbox)
     redis.call('del', dependents)
     return released
 end
+local function fe_take(outbox)
+    local now = tonumber(redis.call('time')[1])
+    local due = redis.call('zrangebyscore', outbox, '-inf', now, 'LIMIT', 0, {BATCH})
+    local out = {{}}
+    for _, call in ipairs(due) do
+        redis.call('zadd', outbox, now + {LEASE}, call)
+        out[#out + 1] = call
+        out[#out + 1] = redis.call('get', 'flask-execute:waiting:' .. call) or ''
+    end
+    return out
+end
 """
 
-# Take up to ARGV[2] due entries of the outbox KEYS[1] under a lease of ARGV[1] seconds;
-# return each id followed by its stored envelope ('' when there is none).
-_TAKE = """
-local now = tonumber(redis.call('time')[1])
-local due = redis.call('zrangebyscore', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
-local out = {}
-for _, call in ipairs(due) do
-    redis.call('zadd', KEYS[1], now + tonumber(ARGV[1]), call)
-    out[#out + 1] = call
-    out[#out + 1] = redis.call('get', 'flask-execute:waiting:' .. call) or ''
-end
-return out
-"""
+# Take the due entries of the outbox KEYS[1] (a drain).
+_TAKE = RELEASE + "return fe_take(KEYS[1])"
 
 
 class Outbox:
@@ -95,21 +99,35 @@ class Outbox:
         self._tasks = dict(tasks)
         #: the outbox of this app's signing key (apps sharing a Redis db keep apart)
         self.key = f"flask-execute:outbox:{codec.kid}"
+        self._scripts: dict[int, t.Any] = {}
 
     def drain(self, client: t.Any) -> int:
         """Publish every due released call; return how many were published. Never
         raises: what could not be published stays for the next drain."""
+        return self.publish(client, None)
+
+    def publish(self, client: t.Any, taken: list[t.Any] | None) -> int:
+        """Publish the entries a store script took (``fe_take``'s list), then every
+        other due one; return how many were published. Never raises."""
         published = 0
         try:
             while True:
-                taken = client.eval(_TAKE, 1, self.key, LEASE, _BATCH)
-                for i in range(0, len(taken), 2):
+                if taken is None:
+                    taken = self._take(client)
+                for i in range(0, len(taken) - 1, 2):
                     published += self._publish(client, _text(taken[i]), _text(taken[i + 1]))
-                if len(taken) < 2 * _BATCH:
+                if len(taken) < 2 * BATCH:
                     return published
+                taken = None
         except Exception:
             log.exception("flask-execute: could not publish the calls whose dependencies finished")
             return published
+
+    def _take(self, client: t.Any) -> list[t.Any]:
+        script = self._scripts.get(id(client))
+        if script is None or script.registered_client is not client:
+            script = self._scripts[id(client)] = client.register_script(_TAKE)
+        return t.cast(list[t.Any], script([self.key]))
 
     def _publish(self, client: t.Any, task_id: str, envelope: str) -> int:
         header: dict[str, t.Any] | None = None
