@@ -23,6 +23,7 @@ from flask_execute.dependencies import dependents_key
 from flask_execute.dependencies import frame
 from flask_execute.dependencies import waiting_key
 from flask_execute.envelopes import Codec
+from flask_execute.outbox import RELEASE
 from tests.apps import tasks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -306,3 +307,38 @@ def test_a_waiting_call_published_early_is_dropped_and_still_runs_later(setup, t
     assert dependent.state == "PENDING"
     open(release, "w").close()
     assert dependent.result(timeout=20) == "released!"
+
+
+def test_a_released_call_left_in_the_outbox_is_published_by_the_next_worker(broker_url, log_dir):
+    app = Flask("deps_outbox")
+    app.config.update(
+        SECRET_KEY="deps-outbox-secret", CELERY_BROKER_URL=broker_url, CELERY_LOG_DIR=log_dir,
+        CELERY_WORKERS={"deps-outbox": {"concurrency": 1}}, CELERY_FLOWER=False,
+    )  # fmt: skip
+    celery = Celery(app)
+    with app.app_context():
+        state = celery.runtime(app)
+        backend = state.controller.backend
+        client = backend.client
+        try:
+            celery.start()
+            upstream = str(uuid.uuid4())  # a call that ran elsewhere
+            waiting = celery.submit(tasks.add, celery.get(upstream), "!")
+            assert client.exists(waiting_key(waiting.id))
+            celery.stop()
+            # the worker that ran `upstream` stored its outcome, releasing `waiting`, and
+            # was killed before it published it
+            sealed = state.codec.seal("result", upstream, pickle.dumps("stored"))
+            meta = backend.encode({"status": "SUCCESS", "result": sealed, "task_id": upstream})
+            client.set(backend.get_key_for_task(upstream), meta)
+            client.set(claim_key(upstream), "done")
+            release = RELEASE + "return fe_release(KEYS[1], ARGV[1], ARGV[2])"
+            outbox = state.worker.outbox.key
+            assert client.eval(release, 1, claim_key(upstream), meta, outbox) == 1
+            assert client.zscore(outbox, waiting.id) is not None
+            celery.start()  # its first act: drain the outbox
+            assert waiting.result(timeout=20) == "stored!"
+            assert wait_for(lambda: not client.exists(waiting_key(waiting.id)))
+            assert client.zscore(outbox, waiting.id) is None
+        finally:
+            celery.stop()
