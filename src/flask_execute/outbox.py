@@ -114,8 +114,7 @@ class Outbox:
             while True:
                 if taken is None:
                     taken = self._take(client)
-                for i in range(0, len(taken) - 1, 2):
-                    published += self._publish(client, _text(taken[i]), _text(taken[i + 1]))
+                published += self._send(client, taken)
                 if len(taken) < 2 * BATCH:
                     return published
                 taken = None
@@ -129,36 +128,52 @@ class Outbox:
             script = self._scripts[id(client)] = client.register_script(_TAKE)
         return t.cast(list[t.Any], script([self.key]))
 
-    def _publish(self, client: t.Any, task_id: str, envelope: str) -> int:
-        header: dict[str, t.Any] | None = None
-        if envelope:
-            try:
-                header, _ = self._codec.open(envelope, "call", task_id)
-            except SignatureError as exc:
-                alert(task_id, Refused(exc.reason, f"Released call refused: {exc}"))
-            else:
-                if not header.get("after") or header.get("task") not in self._tasks:
-                    alert(task_id, Refused("malformed", "Released envelope is not a waiting call."))
-                    header = None
-        if header is not None:
-            label = header.get("fn", "?")
+    def _send(self, client: t.Any, taken: list[t.Any]) -> int:
+        """Verify and publish taken entries (one producer for all), then forget the
+        ones handled (one round trip); return how many were published."""
+        handled: list[str] = []
+        published = 0
+        try:
             with self._controller.producer_or_acquire() as producer:
-                self._tasks[header["task"]].apply_async(
-                    (envelope,),
-                    task_id=task_id,
-                    root_id=header.get("root"),
-                    parent_id=header.get("parent"),
-                    shadow=label,
-                    argsrepr=f"<{label}>",
-                    kwargsrepr="{}",
-                    producer=producer,
-                    **restore_options(header.get("send")),
-                )
-        pipe = client.pipeline()
-        pipe.delete(waiting_key(task_id))
-        pipe.zrem(self.key, task_id)
-        pipe.execute()
-        return int(header is not None)
+                for i in range(0, len(taken) - 1, 2):
+                    task_id, envelope = _text(taken[i]), _text(taken[i + 1])
+                    header = self._verified(task_id, envelope)
+                    if header is not None:
+                        label = header.get("fn", "?")
+                        self._tasks[header["task"]].apply_async(
+                            (envelope,),
+                            task_id=task_id,
+                            root_id=header.get("root"),
+                            parent_id=header.get("parent"),
+                            shadow=label,
+                            argsrepr=f"<{label}>",
+                            kwargsrepr="{}",
+                            producer=producer,
+                            **restore_options(header.get("send")),
+                        )
+                        published += 1
+                    handled.append(task_id)
+        finally:
+            if handled:
+                pipe = client.pipeline(transaction=False)
+                pipe.delete(*[waiting_key(task_id) for task_id in handled])
+                pipe.zrem(self.key, *handled)
+                pipe.execute()
+        return published
+
+    def _verified(self, task_id: str, envelope: str) -> dict[str, t.Any] | None:
+        """The header of a released call's envelope, or None (no envelope; refused)."""
+        if not envelope:
+            return None  # nothing stored under that id: a forged or stale entry
+        try:
+            header, _ = self._codec.open(envelope, "call", task_id)
+        except SignatureError as exc:
+            alert(task_id, Refused(exc.reason, f"Released call refused: {exc}"))
+            return None
+        if not header.get("after") or header.get("task") not in self._tasks:
+            alert(task_id, Refused("malformed", "Released envelope is not a waiting call."))
+            return None
+        return header
 
 
 def _text(value: object) -> str:
