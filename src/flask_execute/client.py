@@ -25,6 +25,7 @@ from kombu.exceptions import OperationalError
 from kombu.utils.url import maybe_sanitize_url
 from werkzeug.local import LocalProxy
 
+from .capacity import Capacity
 from .celery_conf import CeleryApp
 from .claims import Claims
 from .config import Settings
@@ -107,6 +108,7 @@ class Client:
         broker_url: str,
         backend_url: str,
         app_context: Callable[[], t.ContextManager[object]],
+        capacity: Capacity,
     ) -> None:
         self.celery_app = celery_app
         self._app_context = app_context
@@ -126,6 +128,7 @@ class Client:
             "by_value": settings.pickle_by_value,
         }
         self.eager_runs = EagerRuns(outcomes)
+        self.capacity = capacity
 
     # --- submitting ------------------------------------------------------------------
     def apply(
@@ -151,15 +154,20 @@ class Client:
         options: dict[str, t.Any],
     ) -> FuturePool[R]:
         """Send one call per item of ``calls`` (a tuple or list is unpacked, anything
-        else is the single argument), ``kwargs`` for each; return their pool."""
+        else is the single argument), ``kwargs`` for each; return their pool.
+        ``chunksize=None`` picks one from the number of calls and the concurrency of
+        the queue's workers (:mod:`flask_execute.capacity`)."""
         if chunksize is not None and (not isinstance(chunksize, int) or chunksize < 1):
             raise ValueError(f"chunksize must be a positive integer; got {chunksize!r}.")
+        queue = options.get("queue") or self.controller.conf.task_default_queue
         constant = dict(kwargs or {})
         prepared_calls = [
             (tuple(call) if isinstance(call, (tuple, list)) else (call,), dict(constant))
             for call in calls
         ]
-        prepared = self.prepare(func, prepared_calls, options, chunksize or 1)
+        if chunksize is None:
+            chunksize = 1 if self.eager else self.capacity.chunksize(len(prepared_calls), queue)
+        prepared = self.prepare(func, prepared_calls, options, chunksize)
         self.send(prepared)
         return FuturePool(t.cast(list[Future[R]], prepared.futures))
 

@@ -175,7 +175,10 @@ class Celery:
         (``map(add, [1, 2], [3, 4])`` runs ``add(1, 2)`` and ``add(3, 4)``), anything
         else is passed as the single argument. Keyword arguments are passed to every
         call (reserved option names excepted). ``chunksize=n`` sends ``n`` calls per
-        message (fewer broker round trips; the members of a chunk finish together).
+        message (fewer broker round trips; each call still resolves on its own);
+        ``None`` chooses from the number of calls and the queue's worker
+        concurrency (:func:`flask_execute.capacity.auto_chunksize`), ``1`` sends one
+        message per call.
         """
         options = {k: kwargs.pop(k) for k in list(kwargs) if k in RESERVED_OPTIONS}
         return self.map_apply(func, calls, kwargs, chunksize=chunksize, **options)
