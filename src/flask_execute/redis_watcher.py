@@ -50,7 +50,13 @@ class RedisWatcher(Watcher):
             self._channels.discard(self._prefix + task_id.encode())
 
     def ensure_running(self) -> None:
-        if self._thread is None or not self._thread.is_alive():
+        """Return once the thread is subscribed; start it if it is not running (or
+        has decided to stop: :meth:`_stop_if_idle`).
+
+        :raises ConnectionError: not subscribed within the connect timeout.
+        """
+        deadline = time.monotonic() + self._connect_timeout
+        while True:
             with self._lock:
                 if self._thread is None or not self._thread.is_alive():
                     self._subscribed.clear()
@@ -58,12 +64,26 @@ class RedisWatcher(Watcher):
                         target=self._run, name="flask-execute-watcher", daemon=True
                     )
                     self._thread.start()
-        # Calls published before the subscription exists could finish unseen.
-        if not self._subscribed.wait(self._connect_timeout):
-            raise ConnectionError(
-                "flask-execute could not subscribe to result notifications on the"
-                f" result backend: {self._error!r}"
-            )
+            # Calls published before the subscription exists could finish unseen.
+            left = deadline - time.monotonic()
+            if self._subscribed.wait(max(0.0, min(left, 0.2))):
+                return
+            if left <= 0:
+                raise ConnectionError(
+                    "flask-execute could not subscribe to result notifications on the"
+                    f" result backend: {self._error!r}"
+                )
+
+    def _stop_if_idle(self) -> bool:
+        """After losing the connection: stop, when no future waits. Decided under the
+        lock with which :meth:`watch` adds a waiter (and :meth:`ensure_running` looks
+        at the thread), so that a waiter added meanwhile is either seen here or starts
+        a new thread."""
+        with self._lock:
+            if self._waiting():
+                return False
+            self._thread = None
+            return True
 
     def _follow(self, task_id: str) -> None:
         channel = self._prefix + task_id.encode()
@@ -170,12 +190,11 @@ class RedisWatcher(Watcher):
                             self._fetch(pending)
             except Exception as exc:
                 self._error = exc
+                self._subscribed.clear()  # until subscribed again
                 if self._stopping.is_set():
                     break
-                if not self.has_waiters():
-                    # nobody waits: stop quietly; the next watch() starts a new thread
-                    self._subscribed.clear()
-                    return
+                if self._stop_if_idle():
+                    return  # nobody waits: the next watch() starts a new thread
                 (log.warning if backoff >= 1.0 else log.debug)(
                     "flask-execute: result watcher lost the result backend (%r);"
                     " reconnecting in %.1f s",

@@ -179,7 +179,11 @@ class Watcher:
         """Does any future here still wait (as opposed to calls followed only for the
         exit wait)?"""
         with self._lock:
-            return any(entry.live() for entry in self._entries.values())
+            return self._waiting()
+
+    def _waiting(self) -> bool:
+        """:meth:`has_waiters`, with the lock held."""
+        return any(entry.live() for entry in self._entries.values())
 
     def in_flight(self) -> list[str]:
         """The calls this process submitted that are not final yet (whether or not

@@ -161,3 +161,9 @@ def incr_and_sleep(redis_url, key, seconds):
     incr(redis_url, key)
     time.sleep(seconds)
     return key
+
+
+def fail_after_touch(path, message):
+    """A side effect, then ``ValueError(message)``."""
+    touch(path)
+    raise ValueError(message)
