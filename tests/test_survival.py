@@ -93,7 +93,13 @@ def test_a_worker_that_keeps_dying_is_given_up_with_its_log(
         assert services.given_up == ["doomed"]
     finally:
         celery.stop()
-    (error,) = [r for r in caplog.records if r.levelno == logging.ERROR]
+    (error,) = [
+        r
+        for r in caplog.records
+        if r.levelno == logging.ERROR
+        and r.name.startswith("flask_execute.")
+        and "doomed" in r.getMessage()
+    ]
     text = error.getMessage()
     assert "local worker doomed" in text and "after 2 restarts in a row; not restarting it" in text
     assert "Last lines of" in text and "doomed@" in text  # the tail of its log
