@@ -200,12 +200,12 @@ class _Show:
         if how is False:
             return
         try:
-            with self.app.app_context():
-                if how is True:
-                    shown = f"{type(value).__name__}: {value}" if key == "error" else value
-                else:
+            if how is True:
+                shown = f"{type(value).__name__}: {value}" if key == "error" else value
+            else:
+                with self.app.app_context():  # a summary may read the config, a database
                     shown = how(value)
-                self.app.json.dumps(shown)  # fails here, not half-way through a line
+            self.app.json.dumps(shown)  # fails here, not half-way through a line
         except Exception as exc:
             log.error(
                 "flask-execute: the %s of a task could not be shown in its event stream"
