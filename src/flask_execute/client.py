@@ -347,11 +347,20 @@ class Client:
         if self.eager:
             return self.eager_runs.get(task_id)
         future: Future[t.Any] = Future(task_id, self)
-        # its stored state (and claim) now, then whatever it publishes: a task that
+        self.follow(future)
+        return future
+
+    def follow(self, future: Future[t.Any]) -> None:
+        """Move ``future`` along its task's states (a task of any process): the stored
+        state now, then each change as the result watcher receives it."""
+        # the stored state (and claim) now, then whatever it publishes: a task that
         # finished and whose result is gone fails with ResultExpired (the watcher reads
         # the claim and the state in one round trip, so a task just starting never does)
-        self.watcher().watch(task_id, future, foreign=True)
-        return future
+        self.watcher().watch(future.id, future, foreign=True)
+
+    def unfollow(self, future: Future[t.Any]) -> None:
+        """Stop delivering states to ``future`` (nobody follows it any more)."""
+        self._watcher().unwatch(future.id, future)
 
     # --- the futures' link (FutureLink) ------------------------------------------------
     def cancel(self, future: Future[t.Any], terminate: bool) -> bool:

@@ -45,9 +45,8 @@ class RedisWatcher(Watcher):
         self._acked: dict[bytes, threading.Event] = {}
 
     def _drop(self, task_id: str) -> None:
-        entry = self._entries.pop(task_id, None)
-        if entry is not None and entry.foreign:
-            self._channels.discard(self._prefix + task_id.encode())
+        self._entries.pop(task_id, None)
+        self._channels.discard(self._prefix + task_id.encode())
 
     def ensure_running(self) -> None:
         """Return once the thread is subscribed; start it if it is not running (or
@@ -88,8 +87,11 @@ class RedisWatcher(Watcher):
     def _follow(self, task_id: str) -> None:
         channel = self._prefix + task_id.encode()
         with self._lock:
-            if task_id not in self._entries:
+            entry = self._entries.get(task_id)
+            if entry is None:
                 return  # final already (fetched): nothing to follow
+            if not entry.foreign:
+                return  # a call of this process: its states come on the reply channel
             self._channels.add(channel)
             if channel in self._ready:
                 return

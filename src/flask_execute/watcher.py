@@ -164,6 +164,19 @@ class Watcher:
             if not entry.held and not entry.handlers:
                 self._drop(task_id)
 
+    def unwatch(self, task_id: str, handler: t.Any) -> None:
+        """``handler`` no longer waits (a stream ended). A call of this process stays
+        tracked until it is final (the exit wait needs it); a foreign task is forgotten
+        once nobody else here waits on it."""
+        with self._lock:
+            entry = self._entries.get(task_id)
+            if entry is None:
+                return
+            entry.held = [h for h in entry.held if h is not handler]
+            entry.handlers = [r for r in entry.handlers if r() not in (None, handler)]
+            if entry.foreign and not entry.live():
+                self._drop(task_id)
+
     def forget(self, task_id: str) -> None:
         """Nobody waits on ``task_id`` any more (its publication failed)."""
         with self._lock:
