@@ -598,6 +598,8 @@ PLANS: dict[tuple[str, str], Plan] = {  # (page, the start of the block's first 
     ("docs/security.md", "Refusing to use /run/user/1000/"): OUTPUT,
     ("docs/security.md", "flask_execute.errors.SignatureError: Refusing the boot"): OUTPUT,
     ("docs/security.md", "Task my_app.reports:build"): OUTPUT,
+    # --- docs/design.md ---
+    ("docs/design.md", "web process"): Exempt("a drawing of the modules, not code"),
     # --- docs/streaming.md ---
     ("docs/streaming.md", "# jobs.py"): Script(
         "jobs.py",
