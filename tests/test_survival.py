@@ -4,6 +4,7 @@ that went away (issue 12, items 1, 3, 4)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -130,3 +131,28 @@ def test_a_channel_closed_after_its_connection_still_gives_messages_back(broker_
             message.ack()
     finally:
         connection.release()
+
+
+def test_an_unacknowledged_message_nobody_holds_is_put_back_soon(broker_url, log_dir, tmp_path):
+    """A worker took a message, then lost its connection while giving it back (what a
+    broker restart does to the messages a worker had prefetched): the message waits in
+    kombu's unacknowledged hash, held by no worker. It is put back on the next scan,
+    not after the visibility timeout (300 s)."""
+    web, web_celery = make_app(broker_url, log_dir, "orphans", CELERY_START_LOCAL_WORKERS=False)
+    client = redis.Redis.from_url(broker_url)
+    with web.app_context():
+        future = web_celery.submit(tasks.touch, str(tmp_path / "ran"))
+    # take it off the queue as a worker would, and leave it unacknowledged, stamped 60 s
+    # ago, in nobody's set of held messages
+    raw = json.loads(client.rpop("celery"))
+    tag = raw["properties"]["delivery_tag"]
+    client.hset("unacked", tag, json.dumps([raw, "celery", "celery"]))
+    client.zadd("unacked_index", {tag: time.time() - 60})
+    app, celery = make_app(broker_url, log_dir, "orphans")
+    try:
+        with app.app_context():
+            celery.start()
+        assert future.result(timeout=25) == str(tmp_path / "ran")
+        assert client.hlen("unacked") == 0
+    finally:
+        celery.stop()
