@@ -396,6 +396,10 @@ def markdown(
             )
     else:
         out.append("None: every target is met by this run.")
+    unmeasured = [r for r in rows if r.met is None and not r.target.startswith("—")]
+    if unmeasured:
+        out += ["", "These targets were **not measured** by this run:", ""]
+        out += [f"- {r.measurement}: {r.plain}." for r in unmeasured]
     out += ["", "## Details", ""]
     out += _details(results, plan)
     if extra_details:
