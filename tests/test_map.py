@@ -97,8 +97,8 @@ def test_chunk_members_resolve_one_by_one(setup, tmp_path):
     )
     assert len({f.chunk.task_id for f in pool}) == 1
     for i in range(3):
-        _wait_until(lambda: pool[i].running())  # noqa: B023
-        assert marks[i].exists()
+        # running() as soon as the worker claimed it, a moment before its body runs
+        _wait_until(lambda: pool[i].running() and marks[i].exists())  # noqa: B023
         assert not any(f.running() for j, f in enumerate(pool) if j != i)
         assert not any(f.done() for f in pool[i:])
         assert all(f.result(timeout=0) == "released" for f in pool[:i])
@@ -214,3 +214,15 @@ def test_empty_map(setup):
     app, celery = setup
     pool = celery.map(tasks.add)
     assert len(pool) == 0 and pool.result() == [] and pool.done()
+
+
+@pytest.mark.parametrize(
+    ("pending", "interval"), [(0, 5.0), (1, 5.0), (5_000, 5.0), (10_000, 10.0), (100_000, 100.0)]
+)
+def test_a_large_map_is_swept_less_often(pending, interval):
+    """The watcher's safety-net sweep fetches every pending state; with a large map
+    pending it runs less often, so that its cost per call stays flat (at most
+    SWEEP_RATE fetches per second on average)."""
+    from flask_execute.watcher import sweep_interval
+
+    assert sweep_interval(pending) == interval

@@ -78,7 +78,7 @@ class Future(concurrent.futures.Future[T]):
         self._queue = queue
         self._celery_state = "PENDING"
         self._info: object = None
-        self._facts: dict[str, object] = {}
+        self._facts: dict[str, object] | None = None  # made on the first fact: memory
         #: the ``map`` chunk (one message, several calls) this future is a member of
         self.chunk = chunk
 
@@ -122,16 +122,19 @@ class Future(concurrent.futures.Future[T]):
         """The queue the call was sent to, when given (None: the default queue)."""
         return self._queue
 
+    def _fact(self, key: str) -> object:
+        return None if self._facts is None else self._facts.get(key)
+
     @property
     def traceback(self) -> str | None:
         """The worker-side traceback of a failed task (text), else None."""
-        value = self._facts.get("traceback")
+        value = self._fact("traceback")
         return value if isinstance(value, str) and value else None
 
     @property
     def date_done(self) -> datetime.datetime | None:
         """When the task finished (UTC), as the worker stored it; None until then."""
-        value = self._facts.get("date_done")
+        value = self._fact("date_done")
         if isinstance(value, str):
             try:
                 return datetime.datetime.fromisoformat(value)
@@ -142,13 +145,13 @@ class Future(concurrent.futures.Future[T]):
     @property
     def retries(self) -> int:
         """How many times the task was retried (``current_task.retry()``) so far."""
-        value = self._facts.get("retries")
+        value = self._fact("retries")
         return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
     @property
     def worker(self) -> str | None:
         """The node (``name@host``) that ran or runs the task, once it started."""
-        value = self._facts.get("worker")
+        value = self._fact("worker")
         return value if isinstance(value, str) else None
 
     @property
@@ -173,14 +176,17 @@ class Future(concurrent.futures.Future[T]):
     def record(self, meta: t.Mapping[str, object]) -> None:
         """Note Celery's facts in a stored state (when it finished, the traceback,
         which worker started it and at which retry). Never changes the outcome."""
+        facts = self._facts if self._facts is not None else {}
         if meta.get("status") == "STARTED":
             info = meta.get("result")
             if isinstance(info, t.Mapping):
-                self._facts["worker"] = info.get("hostname")
-                self._facts["retries"] = info.get("retries", self._facts.get("retries"))
+                facts["worker"] = info.get("hostname")
+                facts["retries"] = info.get("retries", facts.get("retries"))
         for key in ("date_done", "traceback"):
             if meta.get(key) is not None:
-                self._facts[key] = meta[key]
+                facts[key] = meta[key]
+        if facts:
+            self._facts = facts
 
     def set_progress(self, state: str, info: object = None) -> None:
         """A non-final Celery state arrived (STARTED, PROGRESS, RETRY, ...): follow it.

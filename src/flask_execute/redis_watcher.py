@@ -17,6 +17,7 @@ from .outcomes import read_replies
 from .outcomes import read_state
 from .outcomes import UNREADABLE
 from .watcher import Deliver
+from .watcher import sweep_interval
 from .watcher import Watcher
 
 __all__ = ["RedisWatcher"]
@@ -171,6 +172,7 @@ class RedisWatcher(Watcher):
                     self._fetch(self.pending_ids())
                 backoff = 0.1
                 last_sweep = time.monotonic()
+                wait = self.sweep_every
                 while not self._stopping.is_set():
                     message = pubsub.get_message(timeout=1.0)
                     if message is not None:
@@ -185,11 +187,12 @@ class RedisWatcher(Watcher):
                                 acked.set()
                     self._sync_channels(pubsub, current)
                     now = time.monotonic()
-                    if now - last_sweep > self.sweep_every:
+                    if now - last_sweep > wait:
                         last_sweep = now
                         pending = self.pending_ids()
                         if pending:
                             self._fetch(pending)
+                        wait = sweep_interval(len(pending), self.sweep_every)
             except Exception as exc:
                 self._error = exc
                 self._subscribed.clear()  # until subscribed again
