@@ -10,6 +10,7 @@ local services live in that app's :class:`~flask_execute.runtime.Runtime`
 
 from __future__ import annotations
 
+import gc
 import logging
 import typing as t
 import weakref
@@ -115,6 +116,13 @@ class Celery:
                 app = None
         if app is None:
             apps = list(self._apps)
+            if len(apps) > 1:
+                # an app nobody uses any more may live on in reference cycles (the
+                # app of an earlier test, say) until the collector runs: collect
+                # before calling the choice ambiguous (a path that otherwise raises)
+                del apps
+                gc.collect()
+                apps = list(self._apps)
             if len(apps) == 1:
                 app = apps[0]
             elif not apps:
