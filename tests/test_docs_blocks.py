@@ -588,6 +588,7 @@ PLANS: dict[tuple[str, str], Plan] = {  # (page, the start of the block's first 
     # --- docs/security.md ---
     ("docs/security.md", "fe1.<header>"): Exempt("the envelope's format"),
     ("docs/security.md", "flask-execute rejected task"): OUTPUT,
+    ("docs/security.md", "SignatureError: A worker refused"): OUTPUT,
     ("docs/security.md", "import logging"): Session(
         defs="my_alert_handler = logging.NullHandler()\n",
         after="assert my_alert_handler in"

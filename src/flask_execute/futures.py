@@ -238,6 +238,18 @@ class Future(concurrent.futures.Future[T]):
             concurrent.futures.wait([self], timeout)
         return True
 
+    def refuse(self, error: BaseException) -> None:
+        """A worker says it refused this call (an unsigned notice, which anyone able to
+        publish to the result backend could send): fail with ``error`` if, and only if,
+        the call can still be withdrawn, that is it had not started and now never runs.
+        Otherwise the notice is ignored. Never gives a value."""
+        with self._condition:
+            if self._state != _base.PENDING:
+                return
+        if self._link is None or not self._link.cancel(self, False):
+            return
+        self.settle("FAILURE", exc=error)
+
     def _cancel(self, terminate: bool) -> bool:
         with self._condition:
             if self._state == _base.FINISHED:
