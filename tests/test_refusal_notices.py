@@ -20,6 +20,8 @@ from flask_execute.refusals import NOTICE
 from tests import conftest
 from tests.apps import tasks
 
+WEB_KEY, WORKER_KEY = "the-web-process-secret-key", "the-workers-secret-key"
+
 
 def _app(name: str, key: str, broker: str, log_dir: str, local: bool) -> tuple[Flask, Celery]:
     app = Flask(name)
@@ -48,13 +50,10 @@ def workers(redis_url, log_dir):
 @pytest.fixture
 def web(workers, log_dir):
     """A web process on the same broker whose SECRET_KEY differs from the workers'."""
-    app, celery = _app("refusals_web", "the-web-process-secret-key", workers[0].config["CELERY_BROKER_URL"],
-                       log_dir, False)  # fmt: skip
+    broker = workers[0].config["CELERY_BROKER_URL"]
+    app, celery = _app("refusals_web", WEB_KEY, broker, log_dir, False)
     with app.app_context():
         yield app, celery
-
-
-WEB_KEY, WORKER_KEY = "the-web-process-secret-key", "the-workers-secret-key"
 
 
 def kid(secret: str) -> str:

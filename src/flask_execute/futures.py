@@ -307,9 +307,15 @@ class Future(concurrent.futures.Future[T]):
             traceback); :class:`concurrent.futures.CancelledError` when cancelled;
             :class:`~flask_execute.TaskTimeoutError` (a ``TimeoutError``) on timeout.
         """
+        return self.result_within(timeout, timeout)
+
+    def result_within(self, wait: float | None, timeout: float | None) -> T:
+        """``result(wait)``, where ``wait`` is what is left of a longer wait of
+        ``timeout`` seconds (``executor.map``'s): a timeout error names ``timeout``,
+        the time the caller gave, not what was left of it."""
         self._guard()
         try:
-            return super().result(timeout)
+            return super().result(wait)
         except concurrent.futures.TimeoutError:
             if self.done():  # the task's own TimeoutError, not our wait running out
                 raise
