@@ -232,6 +232,13 @@ class Celery:
         return self._get_state().status(timeout)
 
     @property
+    def logs(self) -> list[str]:
+        """The log files of the local services this process runs for the current app
+        (workers, beat, Flower; as Flask-Execute 0.1.6's ``celery.logs``); empty when it
+        runs none."""
+        return [child.log_path for child in self._get_state().services.children]
+
+    @property
     def inspect(self) -> Inspect:
         """``celery.inspect.ping()`` / ``active()`` / ``stats()`` …, in process."""
         state = self._get_state()
