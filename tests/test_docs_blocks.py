@@ -588,6 +588,7 @@ PLANS: dict[tuple[str, str], Plan] = {  # (page, the start of the block's first 
     # --- docs/security.md ---
     ("docs/security.md", "fe1.<header>"): Exempt("the envelope's format"),
     ("docs/security.md", "flask-execute rejected task"): OUTPUT,
+    ("docs/security.md", "SignatureError: A worker refused"): OUTPUT,
     ("docs/security.md", "import logging"): Session(
         defs="my_alert_handler = logging.NullHandler()\n",
         after="assert my_alert_handler in"
@@ -704,7 +705,7 @@ PLANS: dict[tuple[str, str], Plan] = {  # (page, the start of the block's first 
     ("docs/testing.md", "# tests/test_shop.py"): USERPROJECT,
     ("docs/testing.md", "CELERY_ALWAYS_EAGER = True"): Session(
         after="f = celery.submit(add, 1, 2)\nassert f.done() and f.result(timeout=0) == 3"),
-    ("docs/testing.md", "def test_add(app, flask_execute_eager):"): Pending(Project(
+    ("docs/testing.md", "def test_add(app, flask_execute_eager):"): Project(
         "testing-eager",
         {**SHOP_FILES, "tests/test_eager.py": "import pytest\nfrom shop import celery\n\n\n"
          + ADD + "\n\ndef check_positive(x):\n    if x < 0:\n"
@@ -712,8 +713,6 @@ PLANS: dict[tuple[str, str], Plan] = {  # (page, the start of the block's first 
          + code("docs/testing.md", "def test_add(app, flask_execute_eager):")},
         "2 passed",
         why="the shop project's fixtures; `add` and `check_positive` are the reader's"),
-        issue="issue 13 item 4: the second eager test of a file fails with 'serves several"
-        " apps; push an app context' while the first test's app is still alive"),
     ("docs/testing.md", "# conftest.py"): Project(
         "testing-session",
         {"conftest.py": ("docs/testing.md", "# conftest.py"),

@@ -100,7 +100,8 @@ class CeleryExecutor(concurrent.futures.Executor):
                     if deadline is None:
                         yield _result_or_cancel(futures.pop())
                     else:
-                        yield _result_or_cancel(futures.pop(), deadline - time.monotonic())
+                        left = deadline - time.monotonic()
+                        yield _result_or_cancel(futures.pop(), left, timeout)
             finally:
                 for future in futures:
                     future.cancel()
@@ -120,12 +121,15 @@ class CeleryExecutor(concurrent.futures.Executor):
             concurrent.futures.wait(pending)
 
 
-def _result_or_cancel(future: Future[R], timeout: float | None = None) -> R:
-    """``future.result(timeout)``, cancelling the call if it did not finish in time
-    (CPython's ``concurrent.futures._base._result_or_cancel``)."""
+def _result_or_cancel(
+    future: Future[R], left: float | None = None, timeout: float | None = None
+) -> R:
+    """``future.result(left)``, cancelling the call if it did not finish in time
+    (CPython's ``concurrent.futures._base._result_or_cancel``); a timeout error names
+    ``timeout``, the whole wait the caller gave ``map``."""
     try:
         try:
-            return future.result(None if timeout is None else max(0.0, timeout))
+            return future.result_within(None if left is None else max(0.0, left), timeout)
         finally:
             future.cancel()
     finally:

@@ -244,6 +244,18 @@ class Future(concurrent.futures.Future[T]):
             concurrent.futures.wait([self], timeout)
         return True
 
+    def refuse(self, error: BaseException) -> None:
+        """A worker says it refused this call (an unsigned notice, which anyone able to
+        publish to the result backend could send): fail with ``error`` if, and only if,
+        the call can still be withdrawn, that is it had not started and now never runs.
+        Otherwise the notice is ignored. Never gives a value."""
+        with self._condition:
+            if self._state != _base.PENDING:
+                return
+        if self._link is None or not self._link.cancel(self, False):
+            return
+        self.settle("FAILURE", exc=error)
+
     def _cancel(self, terminate: bool) -> bool:
         with self._condition:
             if self._state == _base.FINISHED:
@@ -301,9 +313,15 @@ class Future(concurrent.futures.Future[T]):
             traceback); :class:`concurrent.futures.CancelledError` when cancelled;
             :class:`~flask_execute.TaskTimeoutError` (a ``TimeoutError``) on timeout.
         """
+        return self.result_within(timeout, timeout)
+
+    def result_within(self, wait: float | None, timeout: float | None) -> T:
+        """``result(wait)``, where ``wait`` is what is left of a longer wait of
+        ``timeout`` seconds (``executor.map``'s): a timeout error names ``timeout``,
+        the time the caller gave, not what was left of it."""
         self._guard()
         try:
-            return super().result(timeout)
+            return super().result(wait)
         except concurrent.futures.TimeoutError:
             if self.done():  # the task's own TimeoutError, not our wait running out
                 raise

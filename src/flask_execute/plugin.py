@@ -10,6 +10,7 @@ local services live in that app's :class:`~flask_execute.runtime.Runtime`
 
 from __future__ import annotations
 
+import gc
 import logging
 import typing as t
 import weakref
@@ -115,6 +116,13 @@ class Celery:
                 app = None
         if app is None:
             apps = list(self._apps)
+            if len(apps) > 1:
+                # an app nobody uses any more may live on in reference cycles (the
+                # app of an earlier test, say) until the collector runs: collect
+                # before calling the choice ambiguous (a path that otherwise raises)
+                del apps
+                gc.collect()
+                apps = list(self._apps)
             if len(apps) == 1:
                 app = apps[0]
             elif not apps:
@@ -225,6 +233,13 @@ class Celery:
         ``timeout`` seconds.
         """
         return self._get_state().status(timeout)
+
+    @property
+    def logs(self) -> list[str]:
+        """The log files of the local services this process runs for the current app
+        (workers, beat, Flower; as Flask-Execute 0.1.6's ``celery.logs``); empty when it
+        runs none."""
+        return [child.log_path for child in self._get_state().services.children]
 
     @property
     def inspect(self) -> Inspect:
