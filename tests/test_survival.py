@@ -156,3 +156,23 @@ def test_an_unacknowledged_message_nobody_holds_is_put_back_soon(broker_url, log
         assert client.hlen("unacked") == 0
     finally:
         celery.stop()
+
+
+def test_a_call_stopped_by_a_cold_shutdown_fails_saying_so(broker_url, log_dir, tmp_path):
+    """A cold stop while an at-most-once call runs: Celery stores RETRY ('cancelled by
+    Celery') although the message was acknowledged and never comes back, so the future
+    waited until its timeout. It fails at once, naming the stopped worker."""
+    app, celery = make_app(broker_url, log_dir, "coldstop")
+    mark, release = tmp_path / "mark", tmp_path / "release"
+    try:
+        with app.app_context():
+            future = celery.submit(tasks.mark_and_wait, str(mark), str(release), 30)
+            wait_until(mark.exists, 20, "the call to start")
+            celery.stop(timeout=0)
+            exc = future.exception(timeout=15)
+    finally:
+        release.touch()
+        celery.stop()
+    assert type(exc).__name__ == "WorkerLostError", repr(exc)
+    assert f"The worker coldstop@{os.uname().nodename} was stopped (cold shutdown)" in str(exc)
+    assert future.state == "FAILURE"
