@@ -94,6 +94,10 @@ def test_a_pool_and_map_chunk_members_as_dependencies(setup):
     total = celery.submit(sum, pool)
     assert total.result(timeout=60) == sum(range(1, 301))
     assert celery.map(tasks.add, [pool[0], 1], [pool[1], 2]).result(timeout=20) == [2, 4]
+    # map chooses its own chunksize: one message per call when futures are arguments
+    assert celery.map(tasks.add, *[(f, 1) for f in pool[:100]]).result(timeout=30) == [
+        i + 2 for i in range(100)
+    ]
 
 
 def test_a_failed_dependency_fails_its_dependents(setup):

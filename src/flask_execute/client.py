@@ -22,8 +22,8 @@ from collections.abc import Mapping
 from celery import Task
 from kombu.exceptions import OperationalError
 from kombu.utils.url import maybe_sanitize_url
-from werkzeug.local import LocalProxy
 
+from .capacity import Capacity
 from .celery_conf import CeleryApp
 from .claims import Claims
 from .config import Settings
@@ -44,6 +44,7 @@ from .pool import FuturePool
 from .serialization import dump_call
 from .serialization import dump_calls
 from .serialization import function_label
+from .serialization import sanitize
 from .waits import describe_wait
 from .watcher import Watcher
 
@@ -113,6 +114,7 @@ class Client:
         broker_url: str,
         backend_url: str,
         app_context: Callable[[], t.ContextManager[object]],
+        capacity: Capacity,
     ) -> None:
         self.celery_app = celery_app
         self._app_context = app_context
@@ -132,6 +134,7 @@ class Client:
             "by_value": settings.pickle_by_value,
         }
         self.eager_runs = EagerRuns(outcomes)
+        self.capacity = capacity
         self.dependencies = Dependencies(self.controller, claims.ttl, self)
 
     # --- submitting ------------------------------------------------------------------
@@ -158,15 +161,21 @@ class Client:
         options: dict[str, t.Any],
     ) -> FuturePool[R]:
         """Send one call per item of ``calls`` (a tuple or list is unpacked, anything
-        else is the single argument), ``kwargs`` for each; return their pool."""
+        else is the single argument), ``kwargs`` for each; return their pool.
+        ``chunksize=None`` picks one from the number of calls and the concurrency of
+        the queue's workers (:mod:`flask_execute.capacity`)."""
         if chunksize is not None and (not isinstance(chunksize, int) or chunksize < 1):
             raise ValueError(f"chunksize must be a positive integer; got {chunksize!r}.")
+        queue = options.get("queue") or self.controller.conf.task_default_queue
         constant = dict(kwargs or {})
         prepared_calls = [
             (tuple(call) if isinstance(call, (tuple, list)) else (call,), dict(constant))
             for call in calls
         ]
-        prepared = self.prepare(func, prepared_calls, options, chunksize or 1)
+        if chunksize is None:  # one message per call when futures are arguments
+            waits = self.eager or self.dependencies.among(prepared_calls)
+            chunksize = 1 if waits else self.capacity.chunksize(len(prepared_calls), queue)
+        prepared = self.prepare(func, prepared_calls, options, chunksize)
         self.send(prepared)
         return FuturePool(t.cast(list[Future[R]], prepared.futures))
 
@@ -191,7 +200,7 @@ class Client:
         task = self.dispatch_for(options)
         label = function_label(func)
         queue = options.get("queue")
-        sanitized = [self._sanitize(args, kwargs) for args, kwargs in calls]
+        sanitized = [sanitize(*c) for c in calls] if self.settings.sanitize_arguments else calls
         reply = None
         if not self.eager:
             self._start()  # local services (the embedded broker, maybe) come first
@@ -239,20 +248,6 @@ class Client:
             self._start()
             self.publish(prepared, prepared.label, prepared.options, prepared.task)
 
-    def _sanitize(
-        self, args: tuple[t.Any, ...], kwargs: dict[str, t.Any]
-    ) -> tuple[tuple[t.Any, ...], dict[str, t.Any]]:
-        """Resolve Werkzeug ``LocalProxy`` arguments (CELERY_SANITIZE_ARGUMENTS)."""
-        if not self.settings.sanitize_arguments:
-            return args, kwargs
-
-        def resolve(value: t.Any) -> t.Any:
-            if isinstance(value, LocalProxy):
-                return value._get_current_object()
-            return value
-
-        return tuple(resolve(a) for a in args), {k: resolve(v) for k, v in kwargs.items()}
-
     def seal_call(
         self,
         task_id: str,
@@ -279,9 +274,8 @@ class Client:
             extra["reply"] = reply
         if kind != "call":
             extra["k"] = kind
-        if after:
-            extra["after"] = len(after)
-            extra["send"] = publish_options(options)
+        if after:  # what the worker that publishes it needs
+            extra.update(after=len(after), send=publish_options(options))
         return self.codec.seal(
             "call",
             task_id,
@@ -306,13 +300,12 @@ class Client:
         for task_id, handler in prepared.watched:
             watcher.watch(task_id, handler)
         try:
-            # a call waiting for futures is published by the worker that finishes them
-            waiting = prepared.waiting
-            items = self.dependencies.hold(items, waiting)
+            # a call waiting for futures: published by the worker that finishes them
+            items = self.dependencies.hold(items, prepared.waiting)
             parent = self.controller.current_worker_task
             with self.controller.producer_or_acquire() as producer:
                 for task_id, envelope, _ in items:
-                    root_id, parent_id = lineage(task_id, parent, waiting.get(task_id))
+                    root_id, parent_id = lineage(task_id, parent, prepared.waiting.get(task_id))
                     task.apply_async(
                         (envelope,),
                         task_id=task_id,
@@ -366,11 +359,20 @@ class Client:
         if self.eager:
             return self.eager_runs.get(task_id)
         future: Future[t.Any] = Future(task_id, self)
-        # its stored state (and claim) now, then whatever it publishes: a task that
+        self.follow(future)
+        return future
+
+    def follow(self, future: Future[t.Any]) -> None:
+        """Move ``future`` along its task's states (a task of any process): the stored
+        state now, then each change as the result watcher receives it."""
+        # the stored state (and claim) now, then whatever it publishes: a task that
         # finished and whose result is gone fails with ResultExpired (the watcher reads
         # the claim and the state in one round trip, so a task just starting never does)
-        self.watcher().watch(task_id, future, foreign=True)
-        return future
+        self.watcher().watch(future.id, future, foreign=True)
+
+    def unfollow(self, future: Future[t.Any]) -> None:
+        """Stop delivering states to ``future`` (nobody follows it any more)."""
+        self._watcher().unwatch(future.id, future)
 
     # --- the futures' link (FutureLink) ------------------------------------------------
     def cancel(self, future: Future[t.Any], terminate: bool) -> bool:

@@ -320,9 +320,13 @@ class Dependencies:
         self.check()
         return args, kwargs, [future.id for future in after]
 
+    def among(self, calls: list[Call]) -> bool:
+        """Is there a future among the arguments of ``calls``?"""
+        return any(_holds_future(args) or _holds_future(kwargs) for args, kwargs in calls)
+
     def refuse(self, calls: list[Call], chunksize: int) -> None:
         """:raises ValueError: a future among the arguments of a ``map`` chunk."""
-        if any(split(args, kwargs, self._owner)[2] for args, kwargs in calls):
+        if self.among(calls):
             raise ValueError(
                 f"map() with chunksize={chunksize} cannot take futures as arguments"
                 " (the calls of a chunk travel together, in one message); use chunksize=1."

@@ -30,6 +30,7 @@ from . import celery_conf
 from . import config as config_module
 from . import redaction
 from . import rundir
+from .capacity import Capacity
 from .claims import Claims
 from .client import at_interpreter_exit
 from .client import Client
@@ -109,6 +110,7 @@ class Runtime:
             self.broker_url,
             self.backend_url,
             app.app_context,
+            Capacity(lambda: self.controller.backend),
         )
         self.services = LocalServices(self)
         self._started = False

@@ -35,6 +35,7 @@ __all__ = [
     "dumps",
     "format_exception",
     "function_label",
+    "sanitize",
 ]
 
 PROTOCOL = pickle.HIGHEST_PROTOCOL
@@ -216,6 +217,20 @@ def dumps(obj: object, *, models: str | None = None) -> tuple[bytes, bool]:
     pickler.models = models
     pickler.dump(obj)
     return buffer.getvalue(), pickler.by_value
+
+
+def sanitize(
+    args: tuple[t.Any, ...], kwargs: dict[str, t.Any]
+) -> tuple[tuple[t.Any, ...], dict[str, t.Any]]:
+    """Resolve Werkzeug ``LocalProxy`` arguments (CELERY_SANITIZE_ARGUMENTS)."""
+    from werkzeug.local import LocalProxy
+
+    def resolve(value: t.Any) -> t.Any:
+        if isinstance(value, LocalProxy):
+            return value._get_current_object()
+        return value
+
+    return tuple(resolve(a) for a in args), {k: resolve(v) for k, v in kwargs.items()}
 
 
 def _explain(exc: BaseException) -> str:
