@@ -228,7 +228,7 @@ class Celery:
         """``celery.inspect.ping()`` / ``active()`` / ``stats()`` …, in process."""
         state = self._get_state()
         limit = len(state.settings.workers) if state.services.running else None
-        return Inspect(state.controller, limit or None)
+        return Inspect(state.controller, limit or None, state.endpoints)
 
     @property
     def control(self) -> Control:
@@ -236,4 +236,4 @@ class Celery:
         process, with replies."""
         state = self._get_state()
         limit = len(state.settings.workers) if state.services.running else None
-        return Control(state.controller, limit or None)
+        return Control(state.controller, limit or None, state.endpoints)

@@ -63,7 +63,7 @@ class RedisWatcher(Watcher):
             raise ConnectionError(
                 "flask-execute could not subscribe to result notifications on the"
                 f" result backend: {self._error!r}"
-            )
+            ) from self._error
 
     def _follow(self, task_id: str) -> None:
         channel = self._prefix + task_id.encode()

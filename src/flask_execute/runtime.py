@@ -24,7 +24,6 @@ import cloudpickle
 from celery import Task
 from celery.backends.redis import RedisBackend
 from flask import Flask
-from kombu.exceptions import OperationalError
 
 from . import celery_conf
 from . import config as config_module
@@ -33,9 +32,7 @@ from . import rundir
 from .claims import Claims
 from .client import at_interpreter_exit
 from .client import Client
-from .client import safe_url
 from .envelopes import Codec
-from .errors import BrokerUnavailable
 from .keys import signing_keys
 from .leases import give_back
 from .leases import LeasedQoS
@@ -44,6 +41,8 @@ from .local import EmbeddedRedis
 from .local import LocalServices
 from .local import redis_answers
 from .locator import locate
+from .outage import Endpoints
+from .outage import safe_url
 from .outcomes import Outcomes
 from .redis_watcher import RedisWatcher
 from .running import Worker
@@ -67,6 +66,10 @@ class Runtime:
         self.is_child = bool(os.environ.get(CHILD_ENV))
         self.embedded_broker: EmbeddedRedis | None = None
         self.broker_url, self.backend_url = self._urls()
+        #: how errors name the broker and the backend (:mod:`.outage`)
+        self.endpoints = Endpoints(
+            self.broker_url, self.backend_url, self.settings.result_backend is not None
+        )
         self.codec = Codec(
             *signing_keys(app, self.settings, lambda: self.runtime_dir),
             max_size=self.settings.max_message_size,
@@ -101,8 +104,7 @@ class Runtime:
             self.settings,
             lambda: self.watcher,
             self.ensure_started,
-            self.broker_url,
-            self.backend_url,
+            self.endpoints,
             app.app_context,
         )
         self.services = LocalServices(self)
@@ -315,20 +317,20 @@ class Runtime:
 
     def status(self, timeout: float = 1.0) -> dict[str, str]:
         """``{"name@host": "OK"}`` for every worker answering a broadcast ping; returns
-        as soon as every expected local worker answered, else after ``timeout``."""
+        as soon as every expected local worker answered, else after ``timeout``.
+
+        :raises BrokerUnavailable: the broker cannot be reached (a connection left
+            stale by a broker restart is retried once first).
+        """
         expected = set(self.services.expected_nodes()) if self.services.running else set()
         deadline = time.monotonic() + timeout
         seen: dict[str, str] = {}
-        try:
-            while True:
-                # A worker that just started may miss one broadcast (its pidbox
-                # subscription is asynchronous): ask again until all answered.
-                left = deadline - time.monotonic()
-                wait = min(left, 0.3) if expected else left
-                seen.update(self.ping(timeout=max(wait, 0.01), limit=len(expected) or None))
-                if not expected or expected <= set(seen) or time.monotonic() >= deadline:
-                    return seen
-        except (OperationalError, OSError) as exc:
-            raise BrokerUnavailable(
-                f"Cannot reach the Celery broker at {safe_url(self.broker_url)}: {exc}."
-            ) from exc
+        while True:
+            # A worker that just started may miss one broadcast (its pidbox
+            # subscription is asynchronous): ask again until all answered.
+            left = deadline - time.monotonic()
+            wait = max(min(left, 0.3) if expected else left, 0.01)
+            ask = functools.partial(self.ping, wait, len(expected) or None)
+            seen.update(self.endpoints.call("broker", ask))
+            if not expected or expected <= set(seen) or time.monotonic() >= deadline:
+                return seen
