@@ -102,7 +102,9 @@ def test_a_call_whose_worker_died_names_the_worker(broker_url, log_dir, tmp_path
             time.sleep(0.05)
         with pytest.raises(TaskTimeoutError) as running:
             future.result(timeout=0.1)
-        assert str(running.value).endswith(f"(state STARTED). It runs on worker {node}.")
+        assert str(running.value).endswith(
+            f"(state STARTED on queue 'celery'). It runs on worker {node}."
+        )
         (child,) = services.children
         os.kill(child.pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
@@ -113,8 +115,9 @@ def test_a_call_whose_worker_died_names_the_worker(broker_url, log_dir, tmp_path
             future.result(timeout=0.1)
         assert str(dead.value) == (
             f"Task tests.apps.tasks:mark_and_wait[{future.id}] not done after 0.1 s"
-            f" (state STARTED). Worker {node}, which started it, stopped answering"
-            " (killed, stopped or cut off from the broker): a call with acks_late=True"
+            f" (state STARTED on queue 'celery'). Worker {node}, which started it,"
+            " stopped answering (killed, stopped or cut off from the broker): a call with"
+            " acks_late=True"
             " runs again when redelivered, any other is not run again."
         )
     finally:

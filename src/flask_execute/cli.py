@@ -115,8 +115,7 @@ def worker(args: tuple[str, ...]) -> None:
         if name in state.settings.workers:
             options = state.worker_options(name, local=False)
             defaults = worker_argv(name, options, state.settings.log_level)[2:]  # -n stays
-    elif state.base_queue:
-        defaults = [f"--queues={state.controller.conf.task_default_queue},{state.base_queue}"]
+    # without -Q the worker consumes every queue the app routes to (consumption.py)
     if not any(a.startswith(("-l", "--loglevel")) for a in [*argv, *defaults]):
         defaults.append(f"--loglevel={state.settings.log_level}")
     _run_celery(["worker", *defaults, *argv])

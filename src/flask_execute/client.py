@@ -120,6 +120,7 @@ class Client:
             "by_value": settings.pickle_by_value,
         }
         self.eager_runs = EagerRuns(outcomes)
+        self._routed: dict[str, str] = {}  # dispatch task name -> the queue it routes to
 
     # --- submitting ------------------------------------------------------------------
     def apply(
@@ -177,7 +178,7 @@ class Client:
         options = dict(options)
         task = self.dispatch_for(options)
         label = function_label(func)
-        queue = options.get("queue")
+        queue = self.queue_of(task, options)
         sanitized = [self._sanitize(args, kwargs) for args, kwargs in calls]
         reply = None
         if not self.eager:
@@ -308,6 +309,19 @@ class Client:
         # ensure_running() waits (CELERY_BROKER_TIMEOUT) for its subscription: no retry
         self.endpoints.call("backend", watcher.ensure_running, retry=False)
         return watcher
+
+    def queue_of(self, task: Task, options: Mapping[str, t.Any]) -> str:
+        """The queue a call with these options goes to: its ``queue`` option, else
+        the base task's queue, else Celery's routing (``task_routes``, the default
+        queue): what a timeout names."""
+        queue = options.get("queue") or getattr(task, "queue", None)
+        if queue:
+            return str(getattr(queue, "name", queue))
+        routed = self._routed.get(task.name)
+        if routed is None:  # the same for every call of the task: asked once
+            queue = self.controller.amqp.router.route({}, task.name, (), {}, task).get("queue")
+            routed = self._routed[task.name] = str(getattr(queue, "name", queue))
+        return routed
 
     def dispatch_for(self, options: dict[str, t.Any]) -> Task:
         """Pick the dispatch task for these options (``acks_late`` is popped).

@@ -27,6 +27,7 @@ from flask import Flask
 
 from . import celery_conf
 from . import config as config_module
+from . import consumption
 from . import redaction
 from . import rundir
 from .claims import Claims
@@ -89,6 +90,8 @@ class Runtime:
         self.controller: celery_module.Celery = self.celery_app.controller
         # the result backend seals failures with this runtime's codec (backend.py)
         self.controller.flask_execute = self
+        # a worker run without -Q consumes the queues this app routes to
+        consumption.install()
         self.claims = Claims(
             self.controller, int(self.codec.max_age) + 60, self.settings.max_deliveries
         )
