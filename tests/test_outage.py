@@ -123,3 +123,23 @@ def test_a_call_whose_worker_died_names_the_worker(broker_url, log_dir, tmp_path
     finally:
         release.touch()
         celery.stop()
+
+
+def test_a_wrong_broker_url_in_development_fails_at_once(log_dir):
+    # issue 13, item 5: local workers were started anyway and retried the URL until
+    # the start timeout: ServiceStartError after 8 s, kombu's retries in its text
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    app, celery = make_app(url, "wrongurl", CELERY_START_LOCAL_WORKERS=True,
+                           CELERY_LOG_DIR=log_dir, CELERY_FLOWER=False)  # fmt: skip
+    started = time.monotonic()
+    try:
+        with pytest.raises(BrokerUnavailable) as info:
+            celery.submit(tasks.add, 1, 2)
+        assert time.monotonic() - started < 3
+        assert not celery.runtime(app).services.children  # no worker was started
+    finally:
+        celery.stop()
+    assert str(info.value) == (
+        f"Cannot reach the Celery broker at {url} (CELERY_BROKER_URL):"
+        " [Errno 111] Connection refused. Is it running?"
+    )

@@ -206,6 +206,7 @@ class Celery:
     def start(self) -> None:
         """Start the local services now (normally done by the first ``submit``).
 
+        :raises BrokerUnavailable: the broker does not answer (nothing was started).
         :raises ServiceStartError: with the tail of the failing service's log.
         """
         self._get_state().start()

@@ -251,10 +251,31 @@ class Runtime:
             self._started = True
 
     def _start_services(self) -> None:
+        if self.embedded_broker is None:
+            self.check_broker()
         self.services.start()
         if self.services.owner and not self._exit_hook:
             self._exit_hook = True
             at_interpreter_exit(self._finish_calls)
+
+    def check_broker(self) -> None:
+        """Connect to the broker once, within ``CELERY_BROKER_TIMEOUT``.
+
+        Local workers given a wrong broker URL would retry it until their start
+        timeout ran out (a ``ServiceStartError`` with kombu's retries in the log);
+        asked first, the caller gets what is wrong at once.
+
+        :raises BrokerUnavailable: the broker does not answer.
+        """
+        timeout = self.settings.broker_timeout
+
+        def reach() -> None:
+            with self.controller.connection_for_write() as connection:
+                connection.ensure_connection(
+                    max_retries=1, interval_start=0, interval_step=0, timeout=timeout
+                )
+
+        self.endpoints.call("broker", reach, retry=False)
 
     def _finish_calls(self) -> None:
         """At interpreter exit, before the local workers stop: wait (at most
