@@ -85,6 +85,7 @@ class Celery:
         for entry in self.schedule.entries():
             apply_schedule(state, entry)
         app.cli.add_command(celery_cli)
+        state.start_in_dev_server()
 
     def runtimes(self) -> list[Runtime]:
         """The runtimes of every app this extension serves."""

@@ -28,6 +28,7 @@ from flask import Flask
 from . import celery_conf
 from . import config as config_module
 from . import consumption
+from . import devserver
 from . import redaction
 from . import rundir
 from .claims import Claims
@@ -227,6 +228,15 @@ class Runtime:
             options["queues"] = list(dict.fromkeys([default, self.base_queue]))
         return options
 
+    def start_in_dev_server(self) -> None:
+        """In the serving process of ``flask run --debug``: start the local services
+        as soon as the app is loaded when it has a schedule (beat runs it without
+        waiting for a first ``submit``)."""
+        s = self.settings
+        wanted = s.start_local_workers and s.scheduler and not self.eager and not self.is_child
+        if wanted and devserver.serving_with_reloader():
+            devserver.start_schedules(self.app.import_name, self.has_schedule, self.ensure_started)
+
     def has_schedule(self) -> bool:
         """Does beat have anything to run for this app?"""
         return bool(self.controller.conf.beat_schedule)
@@ -253,7 +263,10 @@ class Runtime:
     def _start_services(self) -> None:
         if self.embedded_broker is None:
             self.check_broker()
+        owner = self.services.owner
         self.services.start()
+        if self.app.debug and self.services.owner and not owner:
+            devserver.announce(self.services.children, self.services.flower_url)
         if self.services.owner and not self._exit_hook:
             self._exit_hook = True
             at_interpreter_exit(self._finish_calls)
@@ -283,6 +296,8 @@ class Runtime:
         ``concurrent.futures`` waits for its pending futures; say loudly what is left."""
         if not self.services.owner or self._watcher is None or self._watcher_pid != os.getpid():
             return
+        if devserver.serving_with_reloader():
+            return  # a reload: queued calls wait in the broker for the next generation
         watcher = self._watcher
         left = watcher.in_flight()
         if not left:
