@@ -89,6 +89,10 @@ class ServiceHost(t.Protocol):
     embedded_broker: EmbeddedRedis | None
 
     @property
+    def log_dir(self) -> str:
+        """Where the services log (and beat keeps its schedule file)."""
+
+    @property
     def runtime_dir(self) -> str: ...
 
     def boot_content(self) -> dict[str, object]:
@@ -216,7 +220,7 @@ class LocalServices:
         read = self._lifeline_r
         env = _BootEnv(os.environ, self, state.boot_content())
         env.update({CHILD_ENV: "1", LIFELINE_FD_ENV: str(read), "PYTHONUNBUFFERED": "1"})
-        log_dir = settings.log_dir or os.getcwd()
+        log_dir = state.log_dir
         supervised: list[Supervised] = []
         for name in settings.workers:
             spawn_worker = functools.partial(self._spawn_worker, name, env, read, log_dir)

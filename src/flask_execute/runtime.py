@@ -142,6 +142,12 @@ class Runtime:
     def base_queue(self) -> str | None:
         return self.celery_app.base_queue
 
+    @property
+    def log_dir(self) -> str:
+        """Where the local services log and beat keeps its schedule file:
+        ``CELERY_LOG_DIR``, else the app's instance folder (never the project's)."""
+        return self.settings.log_dir or self.app.instance_path
+
     @functools.cached_property
     def runtime_dir(self) -> str:
         """This app's private directory (:mod:`.rundir`), created and verified on first
@@ -159,7 +165,7 @@ class Runtime:
                 self.embedded_broker = EmbeddedRedis(
                     os.path.join(self.runtime_dir, "redis"),
                     unix_socket=os.path.join(self.runtime_dir, "redis.sock"),
-                    log_path=os.path.join(s.log_dir or os.getcwd(), "redis.log"),
+                    log_path=os.path.join(self.log_dir, "redis.log"),
                 )
                 broker = self.embedded_broker.url
             else:
