@@ -43,7 +43,14 @@ format: $(STAMP)
 	$(BIN)/ruff format $(LINT_PATHS)
 	$(BIN)/ruff check --fix $(LINT_PATHS)
 
-bench: $(STAMP)
+# the benchmark's peers (Dask distributed) come with the `bench` extra, on top of EXTRA's
+BENCH_STAMP := $(VENV)/.installed-bench-$(EXTRA)
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[$(EXTRA),bench]'
+	touch $@
+
+bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench
 
 # the fault suite at a larger scale (minutes; not in CI): prints the counts table

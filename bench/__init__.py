@@ -3,7 +3,11 @@
 ``python -m bench`` (or ``make bench``) starts a private Redis, one flask-execute worker
 (auto-started by the extension) and one plain ``celery worker`` (prefork, concurrency 2
 each), runs every measurement alternating the two sides so that machine drift cancels,
-prints medians and ratios, and rewrites ``bench/RESULTS.md``. It ends with the "P web
+prints medians and ratios, and rewrites ``bench/RESULTS.md``. The ``map`` measurements
+also run plain Celery's ``group`` and ``chunks`` and, when the ``bench`` extra is
+installed (``make bench`` installs it), Dask distributed's ``LocalCluster`` with two
+worker processes (:mod:`bench.dask_peer`); :mod:`bench.issue14` judges issue 14's
+targets. It ends with the "P web
 processes" scenario of issue 11 (:mod:`bench.webprocs`: P - 1 idle web processes while
 one makes N calls, on a third flask-execute app with a worker of the same shape).
 ``python -m bench --quick`` is a 1.5-minute smoke run that writes ``bench/RESULTS.tmp``

@@ -92,6 +92,9 @@ def roundtrip(
     return out
 
 
+Way = Callable[[], dict[str, t.Any]]
+
+
 def map_many(
     fe_celery: t.Any,
     plain_add: t.Any,
@@ -100,20 +103,31 @@ def map_many(
     chunksize: int,
     rounds: int,
     crypt_celery: t.Any = None,
+    dask: t.Any = None,
 ) -> dict[str, list[dict[str, t.Any]]]:
-    """``n`` trivial calls, submit then collect everything, four ways:
+    """``n`` trivial calls, submit then collect everything, in these ways:
 
-    * ``fe``: ``celery.map(add, *calls).result()``;
-    * ``fe_chunk``: the same with ``chunksize``;
+    * ``fe``: ``celery.map(add, *calls).result()`` — no ``chunksize``: ``map`` picks one;
+    * ``fe_stream``: the same ``map``, collected through ``pool.as_completed()``
+      (``first_s``: the map call to the first result out of it);
+    * ``fe_chunk``: ``map`` with ``chunksize``;
     * ``plain_loop``: ``[add.delay(i, i) for i in ...]`` then ``get()`` each;
     * ``plain_group``: ``group(add.s(i, i) for i in ...).apply_async().get()``;
+    * ``plain_chunks``: Celery's own ``add.chunks(calls, chunksize).apply_async().get()``
+      (one task per ``chunksize`` calls, results per chunk);
+    * with ``dask`` (a :class:`bench.dask_peer.DaskPeer`): ``dask``, ``client.map`` +
+      ``client.gather``, and ``dask_stream``, ``client.map`` + ``as_completed``;
+    * with ``crypt_celery`` (``CELERY_ENCRYPT``): ``crypt`` and ``crypt_chunk``, the
+      first and third ways on it.
 
-    and, with ``crypt_celery`` (``CELERY_ENCRYPT``), ``crypt`` and ``crypt_chunk``: the
-    first two ways on it.
+    For the plain ways ``first_s`` is the map call to the first result a caller of that
+    recipe holds (the first ``get()`` of the loop, of the group's first member, of the
+    first chunk), after everything was sent.
 
-    Rounds run the four in mirrored orders. Returns each way's runs: seconds, and
-    the Redis commands the whole system (client and worker) sent during the run, from
-    ``INFO commandstats`` (the ways run one at a time; idle polling adds a few).
+    Rounds run the ways in mirrored orders. Returns each way's runs: seconds, and the
+    Redis commands the whole system (client and worker) sent during the run, from
+    ``INFO commandstats`` (the ways run one at a time; idle polling adds a few; Dask
+    sends none).
     """
     from celery import group
 
@@ -122,70 +136,121 @@ def map_many(
     expected = [2 * i for i in range(n)]
     calls = [(i, i) for i in range(n)]
 
-    def fe() -> tuple[float, float, list[int]]:
+    def timed(
+        submit: Callable[[], t.Any], collect: Callable[[t.Any], list[int]]
+    ) -> dict[str, t.Any]:
         start = time.perf_counter()
-        pool = fe_celery.map(add, *calls)
+        handle = submit()
         submitted = time.perf_counter()
-        return start, submitted, pool.result(timeout=600)
+        out: dict[str, t.Any] = {"start": start, "submitted": submitted, "first": None}
+        out["results"] = collect((handle, out))
+        return out
 
-    def fe_chunk() -> tuple[float, float, list[int]]:
-        start = time.perf_counter()
-        pool = fe_celery.map(add, *calls, chunksize=chunksize)
-        submitted = time.perf_counter()
-        return start, submitted, pool.result(timeout=600)
+    def pool_result(arg: t.Any) -> list[int]:
+        return t.cast(list[int], arg[0].result(timeout=600))
 
-    def plain_loop() -> tuple[float, float, list[int]]:
-        start = time.perf_counter()
-        results = [plain_add.delay(i, i) for i in range(n)]
-        submitted = time.perf_counter()
-        return start, submitted, [r.get(timeout=600) for r in results]
+    def pool_stream(arg: t.Any) -> list[int]:
+        pool, out = arg
+        for future in pool.as_completed(timeout=600):
+            if out["first"] is None:
+                out["first"] = time.perf_counter()
+            future.result()
+        return t.cast(list[int], [f.result() for f in pool])
 
-    def plain_group() -> tuple[float, float, list[int]]:
-        start = time.perf_counter()
-        result = group(plain_add.s(i, i) for i in range(n)).apply_async()
-        submitted = time.perf_counter()
-        return start, submitted, result.get(timeout=600)
+    def first_then(rest: Callable[[t.Any], list[int]], first: Callable[[t.Any], object]):
+        def collect(arg: t.Any) -> list[int]:
+            handle, out = arg
+            first(handle)
+            out["first"] = time.perf_counter()
+            return rest(handle)
 
-    def crypt() -> tuple[float, float, list[int]]:
-        start = time.perf_counter()
-        pool = crypt_celery.map(add, *calls)
-        submitted = time.perf_counter()
-        return start, submitted, pool.result(timeout=600)
+        return collect
 
-    def crypt_chunk() -> tuple[float, float, list[int]]:
-        start = time.perf_counter()
-        pool = crypt_celery.map(add, *calls, chunksize=chunksize)
-        submitted = time.perf_counter()
-        return start, submitted, pool.result(timeout=600)
+    def fe() -> dict[str, t.Any]:
+        return timed(lambda: fe_celery.map(add, *calls), pool_result)
 
-    ways: dict[str, Callable[[], tuple[float, float, list[int]]]] = {
+    def fe_stream() -> dict[str, t.Any]:
+        return timed(lambda: fe_celery.map(add, *calls), pool_stream)
+
+    def fe_chunk() -> dict[str, t.Any]:
+        return timed(lambda: fe_celery.map(add, *calls, chunksize=chunksize), pool_result)
+
+    def plain_loop() -> dict[str, t.Any]:
+        return timed(
+            lambda: [plain_add.delay(i, i) for i in range(n)],
+            first_then(
+                lambda rs: [r.get(timeout=600) for r in rs], lambda rs: rs[0].get(timeout=600)
+            ),
+        )
+
+    def plain_group() -> dict[str, t.Any]:
+        return timed(
+            lambda: group(plain_add.s(i, i) for i in range(n)).apply_async(),
+            first_then(lambda r: r.get(timeout=600), lambda r: r.results[0].get(timeout=600)),
+        )
+
+    def plain_chunks() -> dict[str, t.Any]:
+        def collect(r: t.Any) -> list[int]:
+            return [value for part in r.get(timeout=600) for value in part]
+
+        return timed(
+            lambda: plain_add.chunks(calls, chunksize).apply_async(),
+            first_then(collect, lambda r: r.results[0].get(timeout=600)),
+        )
+
+    def crypt() -> dict[str, t.Any]:
+        return timed(lambda: crypt_celery.map(add, *calls), pool_result)
+
+    def crypt_chunk() -> dict[str, t.Any]:
+        return timed(lambda: crypt_celery.map(add, *calls, chunksize=chunksize), pool_result)
+
+    def dask_way(kind: str) -> Way:
+        def way() -> dict[str, t.Any]:
+            answer = dask.run(kind, n)  # timed inside the Dask process
+            return {
+                "start": 0.0,
+                "submitted": answer["submit_s"],
+                "first": answer["first_s"],
+                "done": answer["total_s"],
+                "results": expected,  # checked by the Dask process itself
+            }
+
+        return way
+
+    ways: dict[str, Way] = {
         "fe": fe,
+        "fe_stream": fe_stream,
         "fe_chunk": fe_chunk,
         "plain_loop": plain_loop,
         "plain_group": plain_group,
+        "plain_chunks": plain_chunks,
     }
+    if dask is not None:
+        ways.update(dask=dask_way("map"), dask_stream=dask_way("stream"))
     if crypt_celery is not None:
         ways.update(crypt=crypt, crypt_chunk=crypt_chunk)
     runs: dict[str, list[dict[str, t.Any]]] = {name: [] for name in ways}
     for r in range(rounds):
-        # mirrored rounds (ABCD, DCBA, ...): a linear drift weighs the same on every way
+        # mirrored rounds (ABC..., ...CBA): a linear drift weighs the same on every way
         sequence = list(ways) if r % 2 == 0 else list(reversed(ways))
         for name in sequence:
             redis_client.config_resetstat()
-            start, submitted, results = ways[name]()
-            done = time.perf_counter()
+            out = ways[name]()
+            done = out.get("done") or time.perf_counter() - out["start"]
             commands = _command_counts(redis_client)
-            if results != expected:
+            if out["results"] != expected:
                 raise AssertionError(f"{name}: wrong results")
+            first = out["first"]
             runs[name].append(
                 {
-                    "submit_s": submitted - start,
-                    "collect_s": done - submitted,
-                    "total_s": done - start,
+                    "submit_s": out["submitted"] - out["start"],
+                    "collect_s": done - (out["submitted"] - out["start"]),
+                    "total_s": done,
+                    "first_s": None if first is None else first - out["start"],
                     "commands": commands,
                 }
             )
-            progress(f"map {n:,} {name}: {done - start:.2f} s")
+            progress(f"map {n:,} {name}: {done:.2f} s")
     return runs
 
 

@@ -9,7 +9,6 @@ another issue. The P-web-processes rows come from :mod:`bench.webprocs`.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import statistics
 import typing as t
 
@@ -17,11 +16,6 @@ if t.TYPE_CHECKING:
     from bench.runner import Plan
 
 __all__ = ["Row", "console", "markdown", "summary"]
-
-KB4 = 4096
-#: ``map`` cost counts as linear when the per-call cost at one size is at most this
-#: factor above the per-call cost at the previous (10x smaller) size.
-LINEAR_SLACK = 1.25
 
 
 @dataclasses.dataclass
@@ -102,18 +96,8 @@ def summary(results: dict[str, t.Any], plan: Plan) -> list[Row]:
     m = results["map"]
     n = plan.map_n
     c = plan.map_chunksize
-    fe, fe_chunk = _total(m["fe"]), _total(m["fe_chunk"])
+    fe_chunk = _total(m["fe_chunk"])
     loop, grp = _total(m["plain_loop"]), _total(m["plain_group"])
-    rows.append(
-        Row(
-            f"`map` of {n:,}, no chunksize, vs a `delay()` loop then `get()` each",
-            _rate(n, fe),
-            _rate(n, loop),
-            f"{loop / fe:.2f}x faster",
-            "≥ 3x faster",
-            loop / fe >= 3,
-        )
-    )
     rows.append(
         Row(
             f"`map` of {n:,}, chunksize={c}, vs the `delay()` loop",
@@ -122,16 +106,6 @@ def summary(results: dict[str, t.Any], plan: Plan) -> list[Row]:
             f"{loop / fe_chunk:.2f}x faster",
             "≥ 20x faster",
             loop / fe_chunk >= 20,
-        )
-    )
-    rows.append(
-        Row(
-            f"`map` of {n:,}, no chunksize, vs `group(...).apply_async().get()`",
-            _rate(n, fe),
-            _rate(n, grp),
-            f"{grp / fe:.2f}x faster",
-            "—",
-            None,
         )
     )
     rows.append(
@@ -196,63 +170,6 @@ def summary(results: dict[str, t.Any], plan: Plan) -> list[Row]:
             max(cold["fe"]) <= 2.0,
         )
     )
-
-    growth = results["growth"]
-    if growth:
-        sizes = " / ".join(f"{g['size'] // 1000}k" for g in growth)
-        per_call = [g["total_s"] / g["size"] * 1e6 for g in growth]
-        per_mem = [(g["peak_rss_kb"] - g["base_rss_kb"]) * 1024 / g["size"] for g in growth]
-        time_steps = [b / a for a, b in itertools.pairwise(per_call)]
-        mem_steps = [b / a for a, b in itertools.pairwise(per_mem) if a > 0]
-        chunks = sorted({g["chunksize"] for g in growth})
-        rows.append(
-            Row(
-                f"`map` cost growth {sizes} calls (chunksize={'/'.join(map(str, chunks))}):"
-                " time per call",
-                " / ".join(f"{x:.0f} µs" for x in per_call),
-                "—",
-                "step " + " / ".join(f"{x:.2f}x" for x in time_steps),
-                f"linear (each step ≤ {LINEAR_SLACK}x)",
-                all(x <= LINEAR_SLACK for x in time_steps),
-            )
-        )
-        rows.append(
-            Row(
-                f"`map` cost growth {sizes}: peak web-process RSS over baseline, per call"
-                " (peak RSS)",
-                " / ".join(f"{x:,.0f} B" for x in per_mem)
-                + " ("
-                + " / ".join(f"{g['peak_rss_kb'] / 1024:.0f}" for g in growth)
-                + " MiB)",
-                "—",
-                "step " + " / ".join(f"{x:.2f}x" for x in mem_steps),
-                f"linear (each step ≤ {LINEAR_SLACK}x)",
-                all(x <= LINEAR_SLACK for x in mem_steps),
-            )
-        )
-
-    parked = results["parked"]
-    plain_parked = [p for p in parked if p["side"] == "plain"]
-    fe_parked = [p for p in parked if p["side"] == "fe"]
-    chunked = [p for p in fe_parked if p["chunksize"]]
-    shown = [p for p in fe_parked if not p["chunksize"]]
-    if chunked:
-        shown.append(max(chunked, key=lambda p: p["size"]))
-    for p in shown:
-        per = _per_pending(p)
-        ref = next((q for q in plain_parked if q["size"] == p["size"] and not p["chunksize"]), None)
-        label = f"chunksize={p['chunksize']}" if p["chunksize"] else "no chunksize"
-        rows.append(
-            Row(
-                f"Web-process memory per pending future, `map` of {p['size']:,}, {label}"
-                " (Python heap / RSS)",
-                _bytes_pair(p),
-                _bytes_pair(ref) + " (`AsyncResult`)" if ref else "—",
-                f"{per[0] / _per_pending(ref)[0]:.2f}x heap" if ref else "—",
-                "≤ 4 KB (heap)",
-                per[0] <= KB4,
-            )
-        )
 
     codec = results["codec"]
     rows.append(
@@ -344,11 +261,6 @@ def _encryption_rows(results: dict[str, t.Any], plan: Plan) -> list[Row]:
     return rows
 
 
-def _bytes_pair(p: dict[str, t.Any]) -> str:
-    heap, rss = _per_pending(p)
-    return f"{heap:,.0f} B / {rss:,.0f} B"
-
-
 def _per_pending(p: dict[str, t.Any] | None) -> tuple[float, float]:
     if p is None:
         return (0.0, 0.0)
@@ -408,7 +320,7 @@ def markdown(
         f" {machine['memory']} RAM, {machine['kernel']}",
         f"- {machine['python']}; Celery {v['celery']}, kombu {v['kombu']}, redis-py"
         f" {v['redis']}, Flask {v['flask']}, cloudpickle {v['cloudpickle']}; Redis server"
-        f" {redis['version']}",
+        f" {redis['version']}; {_dask_versions(results)}",
         f"- flask-execute at commit {machine['commit']}",
         f"- Load average (1/5/15 min) at start {machine['load_start']}, at end"
         f" {machine['load_end']} (other work on the machine shows here; both sides share it)",
@@ -432,6 +344,17 @@ def markdown(
         " 5 (result keys prefixed `crypt:`). Its round trips and `map`s run in the same"
         " alternation as the other two sides (three sides cycle through the six orders,"
         " each followed by its mirror); its worker is stopped before the later measurements.",
+        "- The Dask rows (issue 14): `distributed.LocalCluster(n_workers=2,"
+        " threads_per_worker=1, processes=True)` — two worker processes, the shape of the"
+        " Celery workers — and its `Client`, in a process of their own (the scheduler runs"
+        " in the client's process, as `LocalCluster` does), started once before the `map`"
+        " measurements and stopped after them; `client.map(add, xs, xs, pure=False)` (every"
+        " call runs: no reuse of an earlier round's keys) then `client.gather`, or"
+        " `distributed.as_completed`; timed inside that process. Its workers idle (with"
+        " Dask's heartbeats) while the other ways run.",
+        f"- Celery's own `chunks`: `add.chunks(calls, {plan.map_chunksize}).apply_async()"
+        f".get()`, the chunk size `map` picks for {plan.map_n:,} calls on 2 processes"
+        " (`flask_execute.capacity.auto_chunksize`).",
         "- The P-web-processes rows (issue 11): P fresh web processes (P = "
         + " / ".join(map(str, plan.web_processes))
         + "), each after one call, P - 1 idle while one submits"
@@ -443,9 +366,9 @@ def markdown(
         f" ({plan.web_rounds} round(s)).",
         "- Alternation: round trips in blocks of"
         f" {plan.rt_block} calls ({plan.rt_blocks} blocks per side);"
-        f" {plan.map_rounds} round(s) of the six `map` ways, in mirrored orders (ABCDEF,"
-        " FEDCBA); status and cold starts in ABBA order. Cold starts and memory run in a"
-        " fresh process each.",
+        f" {plan.map_rounds} round(s) of the {len(results['map'])} `map` ways, in mirrored"
+        " orders (ABC..., ...CBA); status and cold starts in ABBA order. Cold starts and"
+        " memory run in a fresh process each.",
         "",
         "## Summary",
         "",
@@ -473,6 +396,10 @@ def markdown(
             )
     else:
         out.append("None: every target is met by this run.")
+    unmeasured = [r for r in rows if r.met is None and not r.target.startswith("—")]
+    if unmeasured:
+        out += ["", "These targets were **not measured** by this run:", ""]
+        out += [f"- {r.measurement}: {r.plain}." for r in unmeasured]
     out += ["", "## Details", ""]
     out += _details(results, plan)
     if extra_details:
@@ -504,15 +431,24 @@ def _details(results: dict[str, t.Any], plan: Plan) -> list[str]:
         "",
         f"### `map` of {plan.map_n:,} calls (seconds; submit = until the call returned)",
         "",
-        "| way | run | submit | collect | total | calls/s | Redis commands / call |"
-        " top commands / call |",
-        "|---|---|---|---|---|---|---|---|",
+        "First result: from the map call to the first result the recipe holds (flask-execute"
+        " and Dask: their `as_completed`; plain Celery: the first `get()` of the loop, of the"
+        " group's first member, of the first chunk)."
+        " Dask sends no Redis commands (its runs' counts are the idle workers' polling).",
+        "",
+        "| way | run | submit | first result | collect | total | calls/s |"
+        " Redis commands / call | top commands / call |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     names = {
-        "fe": "flask-execute `map`",
+        "fe": "flask-execute `map` (no chunksize), `pool.result()`",
+        "fe_stream": "flask-execute `map` (no chunksize), `pool.as_completed()`",
         "fe_chunk": f"flask-execute `map(chunksize={plan.map_chunksize})`",
         "plain_loop": "plain `delay()` loop, then `get()` each",
         "plain_group": "plain `group(...).apply_async().get()`",
+        "plain_chunks": f"plain `add.chunks(calls, {plan.map_chunksize}).apply_async().get()`",
+        "dask": "Dask `client.map` + `client.gather`",
+        "dask_stream": "Dask `client.map` + `as_completed`",
         "crypt": "flask-execute `map`, `CELERY_ENCRYPT`",
         "crypt_chunk": f"flask-execute `map(chunksize={plan.map_chunksize})`, `CELERY_ENCRYPT`",
     }
@@ -523,8 +459,9 @@ def _details(results: dict[str, t.Any], plan: Plan) -> list[str]:
             commands = run["commands"]
             top = sorted(commands.items(), key=lambda kv: -kv[1])[:8]
             top_text = ", ".join(f"{name} {count / plan.map_n:.2f}" for name, count in top)
+            first = "—" if run.get("first_s") is None else f"{run['first_s']:.3f}"
             out.append(
-                f"| {label} | {i} | {run['submit_s']:.2f} | {run['collect_s']:.2f} |"
+                f"| {label} | {i} | {run['submit_s']:.2f} | {first} | {run['collect_s']:.2f} |"
                 f" {run['total_s']:.2f} | {plan.map_n / run['total_s']:,.0f} |"
                 f" {sum(commands.values()) / plan.map_n:.2f} | {top_text} |"
             )
@@ -552,18 +489,22 @@ def _details(results: dict[str, t.Any], plan: Plan) -> list[str]:
         "",
         "### `map` cost growth (one fresh process per size; memory from /proc/self/status)",
         "",
-        "Time: the median of the runs (memory: around the first run).",
+        "No chunksize argument unless the column gives one (— : `map` picks it; the"
+        " orchestrator's worker advertises concurrency 2). Time: the median of the runs,"
+        " with the web process's CPU time in that run (all threads: the result watcher's"
+        " work is in); memory: around the first run.",
         "",
-        "| calls | chunksize | runs | submit s | collect s | total s | µs / call | peak RSS |"
-        " peak - baseline | per call |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| calls | chunksize | runs | submit s | collect s | total s | µs / call |"
+        " web CPU µs / call | peak RSS | peak - baseline | per call |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for g in results["growth"]:
         grown = (g["peak_rss_kb"] - g["base_rss_kb"]) * 1024
         out.append(
-            f"| {g['size']:,} | {g['chunksize']} | {g['repeat']} | {g['submit_s']:.2f} |"
+            f"| {g['size']:,} | {g['chunksize'] or '—'} | {g['repeat']} | {g['submit_s']:.2f} |"
             f" {g['collect_s']:.2f} |"
             f" {g['total_s']:.2f} | {g['total_s'] / g['size'] * 1e6:.0f} |"
+            f" {g['cpu_s'] / g['size'] * 1e6:.0f} |"
             f" {g['peak_rss_kb'] / 1024:.1f} MiB | {grown / 2**20:.1f} MiB |"
             f" {grown / g['size']:,.0f} B |"
         )
@@ -571,7 +512,9 @@ def _details(results: dict[str, t.Any], plan: Plan) -> list[str]:
         "",
         "### Memory held per pending call",
         "",
-        "The calls go to a queue no worker consumes, so every one is pending while measured."
+        "The calls go to a queue no worker consumes, so every one is pending while measured"
+        " (no worker advertises that queue's concurrency: `map` picks its chunk size from"
+        " this host's CPU count, as it does before any worker advertised)."
         " Python heap: bytes still allocated after the submit returned (tracemalloc, started"
         " just before it), per call. RSS: growth of the process's resident memory over the"
         " same span, per call (includes freed-but-kept allocator memory).",
@@ -613,6 +556,14 @@ def _details(results: dict[str, t.Any], plan: Plan) -> list[str]:
             f" {c['crypt_result']:.1f} |",
         ]
     return out
+
+
+def _dask_versions(results: dict[str, t.Any]) -> str:
+    dask = results.get("dask") or {}
+    if dask.get("versions"):
+        v = dask["versions"]
+        return f"Dask {v['dask']}, distributed {v['distributed']}"
+    return f"Dask not measured ({dask.get('missing') or 'not run'})"
 
 
 def _list(values: list[float], spec: str) -> str:

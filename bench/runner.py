@@ -12,6 +12,9 @@ What runs, all started and stopped here (``finally``), never the system Redis:
   with ``celery.start()`` and stopped with ``celery.stop()``;
 * the plain worker ``plain@<host>``: ``celery -A bench.plain_app worker --pool=prefork
   -c 2 --without-mingle --without-gossip -Q bench-plain``;
+* Dask's ``LocalCluster`` (2 worker processes) and its client, in a child process of
+  their own (:mod:`bench.dask_peer`), for the ``map`` measurements only; skipped, and
+  said so, when ``dask[distributed]`` is not installed;
 * fresh child processes (:mod:`bench.child`) for the cold starts, the memory
   measurements and the web processes of :mod:`bench.webprocs`, each killed with its
   process group if it overruns.
@@ -33,10 +36,13 @@ import time
 import typing as t
 from importlib import metadata
 
+from bench import issue14
 from bench import measure
 from bench import report
 from bench import ROOT
 from bench import webprocs
+from bench.dask_peer import DaskPeer
+from bench.dask_peer import missing as dask_missing
 from bench.measure import progress
 from bench.procs import free_port
 from bench.procs import run_child
@@ -58,11 +64,11 @@ class Plan:
     rt_blocks: int  # round trip: blocks per side ...
     rt_block: int  # ... of this many calls
     map_n: int
-    map_chunksize: int
+    map_chunksize: int  # given to `map(chunksize=)` and Celery's `chunks` (what map picks)
     map_rounds: int
     status_reps: int
     cold_reps: int
-    growth: tuple[tuple[int, int, int], ...]  # (calls, chunksize, runs), a process each
+    growth: tuple[tuple[int, int | None, int], ...]  # (calls, chunksize, runs), a process each
     parked: tuple[tuple[str, int, int | None], ...]  # (side, calls, chunksize)
     codec_n: int
     codec_repeats: int
@@ -80,14 +86,8 @@ FULL = Plan(
     map_rounds=2,
     status_reps=5,
     cold_reps=3,
-    growth=((1_000, 100, 9), (10_000, 100, 3), (100_000, 100, 1)),
-    parked=(
-        ("fe", 2_000, None),
-        ("plain", 2_000, None),
-        ("fe", 1_000, 100),
-        ("fe", 10_000, 100),
-        ("fe", 100_000, 100),
-    ),
+    growth=((1_000, None, 9), (10_000, None, 3), (100_000, None, 1)),
+    parked=(("fe", 10_000, None), ("plain", 10_000, None), ("fe", 100_000, None)),
     codec_n=3_000,
     codec_repeats=9,
     web_processes=(1, 4, 16),
@@ -104,8 +104,8 @@ QUICK = Plan(
     map_rounds=1,
     status_reps=2,
     cold_reps=1,
-    growth=((1_000, 100, 3), (10_000, 100, 1)),
-    parked=(("fe", 1_000, None), ("plain", 1_000, None), ("fe", 10_000, 100)),
+    growth=((1_000, None, 3), (10_000, None, 1)),
+    parked=(("fe", 1_000, None), ("plain", 1_000, None), ("fe", 10_000, None)),
     codec_n=1_000,
     codec_repeats=3,
     web_processes=(1, 4, 16),
@@ -127,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="a ~1.5 minute smoke run with small sizes; writes bench/RESULTS.tmp only",
     )
+    parser.add_argument(
+        "--no-dask",
+        action="store_true",
+        help="leave Dask out (its rows then say 'not measured'), as when it is not installed",
+    )
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
     out_path = os.path.join(ROOT, "bench", "RESULTS.tmp" if args.quick else "RESULTS.md")
@@ -136,14 +141,18 @@ def main(argv: list[str] | None = None) -> int:
     machine = describe_machine()
     tmp = tempfile.mkdtemp(prefix="fe-bench-")
     try:
-        results = run(plan, tmp)
+        results = run(plan, tmp, with_dask=not args.no_dask)
     except BaseException:
         print(f"\nThe run failed; its logs are kept in {tmp}", file=sys.stderr)
         raise
     shutil.rmtree(tmp, ignore_errors=True)
     elapsed = time.monotonic() - started
     machine["load_end"] = _loadavg()
-    rows = report.summary(results, plan) + webprocs.rows(results["webprocs"])
+    rows = (
+        issue14.rows(results, plan)
+        + report.summary(results, plan)
+        + webprocs.rows(results["webprocs"])
+    )
     print(report.console(rows, results, plan, elapsed))
     with open(out_path, "w") as f:
         text = report.markdown(
@@ -154,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run(plan: Plan, tmp: str) -> dict[str, t.Any]:
+def run(plan: Plan, tmp: str, with_dask: bool = True) -> dict[str, t.Any]:
     """Start the services, run every measurement, stop everything (even on errors)."""
     import redis as redis_client
 
@@ -172,6 +181,7 @@ def run(plan: Plan, tmp: str) -> dict[str, t.Any]:
     fe_celery: t.Any = None
     crypt_celery: t.Any = None
     webp_celery: t.Any = None
+    dask: DaskPeer | None = None
     results: dict[str, t.Any] = {"plan": dataclasses.asdict(plan)}
     try:
         progress(f"starting a private Redis on port {redis.port}")
@@ -215,7 +225,14 @@ def run(plan: Plan, tmp: str) -> dict[str, t.Any]:
             fe_celery, plain_add, plan.rt_blocks, plan.rt_block, crypt_celery
         )
 
-        progress(f"map of {plan.map_n:,} calls, six ways")
+        results["dask"] = {"missing": dask_missing() if with_dask else "left out (--no-dask)"}
+        if results["dask"]["missing"]:
+            progress(f"NOT measuring Dask: {results['dask']['missing']}")
+        else:
+            progress(f"starting Dask's LocalCluster ({dask_peer_shape()}) in a process of its own")
+            dask = DaskPeer(env, os.path.join(log_dir, "dask.log"))
+            results["dask"]["versions"] = dask.versions
+        progress(f"map of {plan.map_n:,} calls, every way")
         stats_client = redis_client.Redis.from_url(url)
         try:
             results["map"] = measure.map_many(
@@ -226,9 +243,13 @@ def run(plan: Plan, tmp: str) -> dict[str, t.Any]:
                 plan.map_chunksize,
                 plan.map_rounds,
                 crypt_celery,
+                dask,
             )
         finally:
             stats_client.close()
+        if dask is not None:
+            progress("stopping Dask (not used by the measurements below)")
+            dask.stop()
         progress("stopping the encrypted worker (not used by the measurements below)")
         crypt_celery.stop(timeout=10)
 
@@ -242,9 +263,12 @@ def run(plan: Plan, tmp: str) -> dict[str, t.Any]:
         child_env = {**env, "BENCH_FE_LOCAL": "0"}
         growth = []
         for size, chunksize, repeat in plan.growth:
+            argv = ["growth", f"--size={size}", f"--repeat={repeat}"]
+            if chunksize:
+                argv.append(f"--chunksize={chunksize}")
             growth.append(
                 run_child(
-                    ["growth", f"--size={size}", f"--chunksize={chunksize}", f"--repeat={repeat}"],
+                    argv,
                     child_env,
                     os.path.join(log_dir, "children.log"),
                     timeout=300,
@@ -289,8 +313,19 @@ def run(plan: Plan, tmp: str) -> dict[str, t.Any]:
             stats_client.close()
     finally:
         progress("stopping everything")
+        if dask is not None:
+            try:
+                dask.stop()
+            except Exception as exc:  # keep stopping the rest
+                print(f"could not stop Dask: {exc!r}", file=sys.stderr)
         _stop_all(fe_celery, plain_worker, redis, crypt_celery, webp_celery)
     return results
+
+
+def dask_peer_shape() -> str:
+    from bench.dask_peer import WORKERS
+
+    return f"{WORKERS} worker processes, 1 thread each"
 
 
 def _stop_all(

@@ -59,7 +59,8 @@ def redis_url() -> str:
     return os.environ["FLASK_EXECUTE_TEST_REDIS"]
 
 
-# dbs 1-2: the shared apps, 13-15: the app modules of test_registry, 16+: one per test
+# dbs 1-2: the shared apps, 3: tests/apps/streaming.py, 13-15: the app modules of
+# test_registry, 16+: one per test
 _db = iter(range(16, 256))
 
 

@@ -588,6 +588,7 @@ PLANS: dict[tuple[str, str], Plan] = {  # (page, the start of the block's first 
     # --- docs/security.md ---
     ("docs/security.md", "fe1.<header>"): Exempt("the envelope's format"),
     ("docs/security.md", "flask-execute rejected task"): OUTPUT,
+    ("docs/security.md", "SignatureError: A worker refused"): OUTPUT,
     ("docs/security.md", "import logging"): Session(
         defs="my_alert_handler = logging.NullHandler()\n",
         after="assert my_alert_handler in"
@@ -598,6 +599,52 @@ PLANS: dict[tuple[str, str], Plan] = {  # (page, the start of the block's first 
     ("docs/security.md", "Refusing to use /run/user/1000/"): OUTPUT,
     ("docs/security.md", "flask_execute.errors.SignatureError: Refusing the boot"): OUTPUT,
     ("docs/security.md", "Task my_app.reports:build"): OUTPUT,
+    # --- docs/design.md ---
+    ("docs/design.md", "web process"): Exempt("a drawing of the modules, not code"),
+    # --- docs/streaming.md ---
+    ("docs/streaming.md", "# jobs.py"): Script(
+        "jobs.py",
+        driver="""
+            from jobs import app
+
+            if __name__ == "__main__":
+                owner, stranger = app.test_client(), app.test_client()
+                job = owner.post("/jobs").json
+                print(stranger.get(job["events"]).status_code)
+                body = owner.get(job["events"]).get_data(as_text=True)
+                print(body.strip().splitlines()[-1])
+                print(body.count('"state": "PROGRESS"'))
+            """,
+        stdout=["404", 'data: {"result": "3 steps done", "state": "SUCCESS"}', "3"],
+        why="a client that started the job, and one that did not, follow it"),
+    ("docs/streaming.md", "const events = new EventSource"): Exempt(
+        "browser JavaScript: examples/progress/ follows its job this way, in Chromium"
+        " (tests/test_progress_page.py)"),
+    ("docs/streaming.md", "retry: 2000"): OUTPUT,
+    ("docs/streaming.md", "from flask import Blueprint"): Script(
+        "streams.py",
+        driver=f"""
+            import operator
+            from flask import Flask
+            from flask_execute import Celery
+            from streams import streams
+
+            app = Flask(__name__)
+            app.config["SECRET_KEY"] = {SECRET!r}
+            celery = Celery(app)
+            app.register_blueprint(streams)
+            if __name__ == "__main__":
+                with app.app_context():
+                    future = celery.submit(operator.add, 1, 2)
+                client = app.test_client()
+                print(client.get(f"/jobs/{{future.id}}/events").status_code)
+                with client.session_transaction() as session:
+                    session["jobs"] = [future.id]
+                print(client.get(f"/jobs/{{future.id}}/events").get_data(as_text=True).strip()
+                      .splitlines()[-1])
+            """,
+        stdout=["404", 'data: {"result": 3, "state": "SUCCESS"}'],
+        why="the blueprint on an app; the session says which job may be followed"),
     # --- docs/tasks-and-schedules.md ---
     ("docs/tasks-and-schedules.md", "from flask_execute import Celery"): Script(
         "my_tasks.py",
@@ -658,7 +705,7 @@ PLANS: dict[tuple[str, str], Plan] = {  # (page, the start of the block's first 
     ("docs/testing.md", "# tests/test_shop.py"): USERPROJECT,
     ("docs/testing.md", "CELERY_ALWAYS_EAGER = True"): Session(
         after="f = celery.submit(add, 1, 2)\nassert f.done() and f.result(timeout=0) == 3"),
-    ("docs/testing.md", "def test_add(app, flask_execute_eager):"): Pending(Project(
+    ("docs/testing.md", "def test_add(app, flask_execute_eager):"): Project(
         "testing-eager",
         {**SHOP_FILES, "tests/test_eager.py": "import pytest\nfrom shop import celery\n\n\n"
          + ADD + "\n\ndef check_positive(x):\n    if x < 0:\n"
@@ -666,8 +713,6 @@ PLANS: dict[tuple[str, str], Plan] = {  # (page, the start of the block's first 
          + code("docs/testing.md", "def test_add(app, flask_execute_eager):")},
         "2 passed",
         why="the shop project's fixtures; `add` and `check_positive` are the reader's"),
-        issue="issue 13 item 4: the second eager test of a file fails with 'serves several"
-        " apps; push an app context' while the first test's app is still alive"),
     ("docs/testing.md", "# conftest.py"): Project(
         "testing-session",
         {"conftest.py": ("docs/testing.md", "# conftest.py"),

@@ -11,6 +11,7 @@ import pytest
 
 from flask_execute import CeleryExecutor
 from flask_execute import progress
+from flask_execute import TaskTimeoutError
 from tests.apps import tasks
 
 
@@ -59,6 +60,20 @@ def test_map_timeout(setup):
         assert results == [None, None]
 
 
+def test_map_timeout_names_the_timeout_given(setup):
+    """The wait on each result is what is left of map's timeout; the error says the
+    timeout the caller gave (not 0.08091930000000502 s, not 0.0 s)."""
+    app, celery = setup
+    with celery.executor(queue="nobody-consumes-this") as executor:
+        results = executor.map(tasks.add, [1, 2], [3, 4], timeout=0.5)
+        with pytest.raises(TaskTimeoutError) as info:
+            next(results)
+        assert " not done after 0.5 s (state PENDING on queue 'nobody-consumes-this')." in str(
+            info.value
+        )
+        executor.shutdown(wait=False, cancel_futures=True)
+
+
 def test_shutdown(setup):
     app, celery = setup
     executor = celery.executor()
@@ -105,3 +120,15 @@ def test_progress_bar(setup):
     assert pool.done()
     assert "20/20" in out.getvalue() or "20/20" in out.getvalue().replace(" ", "")
     assert celery.map(tasks.add, [1, 1]).result(timeout=10, progress=True) == [2]
+
+
+def test_the_text_progress_bar_ends_its_line_on_timeout():
+    """Without tqdm: the bar is drawn at once, and its line ends however the wait
+    ends, so that the traceback of a timeout starts on a line of its own."""
+    done, pending = concurrent.futures.Future(), concurrent.futures.Future()
+    done.set_result(1)
+    out = io.StringIO()
+    with pytest.raises(concurrent.futures.TimeoutError):
+        progress([done, pending], timeout=0.3, file=out, description="adding")
+    drawn = out.getvalue().split("\r")
+    assert drawn[1:] == [f"adding: [{'.' * 30}] 0/2", f"adding: [{'#' * 15}{'.' * 15}] 1/2\n"]

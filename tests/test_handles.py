@@ -191,3 +191,19 @@ def test_get_of_a_call_submitted_by_a_process_that_has_exited(direct_app, redis_
 
     with direct_app.app_context():
         assert direct.celery.get(task_id).result(timeout=10) == 0.5
+
+
+def test_a_submit_right_after_the_watcher_lost_its_connection_is_followed(direct_app):
+    """The result watcher's connection drops while no future waits: its thread decides
+    to stop. A submit at that moment once found the thread still alive, waited for a
+    subscription nobody would make, and failed after 10 s with BrokerUnavailable (or
+    its future was never followed). The decision and a new waiter are now ordered."""
+    from tests.apps import direct
+
+    backend = direct_app.extensions["celery"].runtime(direct_app).controller.backend
+    with direct_app.app_context():
+        for i in range(30):
+            backend.client.connection_pool.disconnect()
+            start = time.monotonic()
+            assert direct.celery.submit(tasks.add, i, 1).result(timeout=10) == i + 1
+            assert time.monotonic() - start < 5, f"submit {i} waited for the watcher"

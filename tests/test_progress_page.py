@@ -1,4 +1,6 @@
-"""End to end: the progress page of examples/progress in headless Chromium.
+"""End to end: the progress page of examples/progress in headless Chromium: the bar
+advances on server-sent events with no further request, and the job stays in the URL
+(reload, back and forward, a second tab follow it; another browser may not).
 
 The example app runs in a thread of this process (werkzeug's ``make_server``) on the
 test Redis, with a real local worker; Playwright drives Debian's ``/usr/bin/chromium``
@@ -11,12 +13,14 @@ Playwright is missing; under CI (``CI`` set) it fails instead.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import threading
 import time
 import typing as t
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 from flask import Flask
@@ -33,7 +37,7 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-STEPS = 8
+STEPS = 10
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "progress"
 
 
@@ -87,44 +91,105 @@ def server_url(progress_app: Flask) -> Iterator[str]:
             celery.stop()
 
 
+def sample(page: t.Any, until: t.Callable[[int], bool], seen: list[int]) -> None:
+    """Note each new value of the bar until ``until(value)`` or a result shows."""
+    bar = page.locator("#bar")
+    deadline = time.monotonic() + 60  # worker start-up included
+    while time.monotonic() < deadline:
+        value = int(bar.get_attribute("aria-valuenow") or 0)
+        if not seen or seen[-1] != value:
+            seen.append(value)
+        if until(value) or page.locator("#result").inner_text():
+            return
+        page.wait_for_timeout(30)
+    raise AssertionError(f"the page did not get there in 60 s: {seen}")
+
+
 def test_progress_page(sync_api: t.Any, server_url: str, tmp_path: Path) -> None:
     url = server_url
-    seen: list[int] = []
+    first: list[int] = []
+    second: list[int] = []
+    requests: list[tuple[str, str]] = []
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 800, "height": 420})
+            context = browser.new_context(viewport={"width": 800, "height": 420})
+            page = context.new_page()
+            # every request of the page but the browser's own favicon.ico
+            page.on(
+                "request",
+                lambda r: "favicon" in r.url or requests.append((r.method, urlparse(r.url).path)),
+            )
             page.goto(url)
             bar = page.locator("#bar")
             assert bar.get_attribute("aria-valuenow") == "0"
             page.click("#start")
 
-            # Sample the bar until the result shows (worker start-up included).
-            deadline = time.monotonic() + 60
-            while not page.locator("#result").inner_text() and time.monotonic() < deadline:
-                value = int(bar.get_attribute("aria-valuenow") or 0)
-                if not seen or seen[-1] != value:
-                    seen.append(value)
-                page.wait_for_timeout(50)
+            # the bar advances by several steps while no request is made
+            sample(page, lambda v: v > 0, first)
+            job_url = page.url
+            assert re.fullmatch(rf"{url}/jobs/[0-9a-f-]{{36}}", job_url), job_url
+            job = urlparse(job_url).path
+            made = list(requests)
+            sample(page, lambda v: v >= 40, first)
+            assert requests == made, f"requests while the bar advanced: {requests[len(made) :]}"
+            steps = [v for v in first if 0 < v < 100]
+            print(f"bar values seen before the reload: {first}")
+            assert len(set(steps)) >= 2, f"the bar did not advance live: {first}"
+
+            # a reload follows the same job, from where it is now
+            page.reload()
+            assert page.url == job_url
+            sample(page, lambda v: False, second)
+            print(f"bar values seen after the reload: {second}")
+            after = [v for v in second if 0 < v < 100]
+            assert after and min(after) >= max(steps), (first, second)
 
             result = page.locator("#result").inner_text()
             assert result.startswith(f"Finished {STEPS} steps in "), result
-            intermediate = [v for v in seen if 0 < v < 100]
-            print(f"bar values seen: {seen}")
-            assert len(set(intermediate)) >= 2, f"the bar did not advance live: {seen}"
-            assert intermediate == sorted(intermediate), f"the bar went back: {seen}"
             assert bar.get_attribute("aria-valuenow") == "100"
             assert page.locator("#count").inner_text() == f"{STEPS}/{STEPS}"
             assert page.locator("#state").inner_text() == "SUCCESS"
+            assert requests == [
+                ("GET", "/"),
+                ("POST", "/jobs"),
+                ("GET", f"{job}/events"),
+                ("GET", job),
+                ("GET", f"{job}/events"),
+            ], requests
             # the screenshot must show the bar full, not still animating
             page.wait_for_function(
                 "() => document.getElementById('bar').getBoundingClientRect().width"
                 " === document.querySelector('.track').getBoundingClientRect().width",
                 timeout=5000,
             )
-
             screenshot = tmp_path / "progress.png"
             page.screenshot(path=str(screenshot), full_page=True)
+
+            # back to the start page, forward to the job: it is followed again
+            page.go_back()
+            page.wait_for_function("() => location.pathname === '/'", timeout=5000)
+            page.wait_for_function(
+                "() => document.getElementById('state').textContent === 'Idle'", timeout=5000
+            )
+            page.go_forward()
+            page.wait_for_function(
+                "() => document.getElementById('result').textContent.startsWith('Finished')",
+                timeout=10000,
+            )
+            assert page.url == job_url
+
+            # a second tab of this browser follows it; another browser may not
+            tab = context.new_page()
+            tab.goto(job_url)
+            tab.wait_for_function(
+                "() => document.getElementById('result').textContent.startsWith('Finished')",
+                timeout=10000,
+            )
+            assert tab.locator("#count").inner_text() == f"{STEPS}/{STEPS}"
+            stranger = browser.new_context().new_page()
+            assert stranger.goto(job_url).status == 404
+            assert stranger.request.get(f"{job_url}/events").status == 404
         finally:
             browser.close()
     assert screenshot.stat().st_size > 0
@@ -139,8 +204,12 @@ def test_bad_steps_are_refused(progress_app: Flask, steps: object) -> None:
     assert response.json == {"error": "'steps' must be an integer from 1 to 100."}
 
 
-def test_unknown_job_is_pending(progress_app: Flask) -> None:
+def test_a_job_this_browser_did_not_start_is_not_found(progress_app: Flask) -> None:
     client = progress_app.test_client()
-    assert client.get("/jobs/not-a-task-id").status_code == 404
     task_id = "00000000-0000-4000-8000-000000000000"
-    assert client.get(f"/jobs/{task_id}").json == {"id": task_id, "state": "PENDING"}
+    assert client.get("/jobs/not-a-task-id").status_code == 404
+    assert client.get(f"/jobs/{task_id}").status_code == 404
+    assert client.get(f"/jobs/{task_id}/events").status_code == 404
+    with client.session_transaction() as session:
+        session["jobs"] = [["11111111-1111-4111-8111-111111111111", 3]]
+    assert client.get(f"/jobs/{task_id}/events").status_code == 404

@@ -4,6 +4,7 @@ that went away (issue 12, items 1, 3, 4)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -93,7 +94,13 @@ def test_a_worker_that_keeps_dying_is_given_up_with_its_log(
         assert services.given_up == ["doomed"]
     finally:
         celery.stop()
-    (error,) = [r for r in caplog.records if r.levelno == logging.ERROR]
+    (error,) = [
+        r
+        for r in caplog.records
+        if r.levelno == logging.ERROR
+        and r.name.startswith("flask_execute.")
+        and "doomed" in r.getMessage()
+    ]
     text = error.getMessage()
     assert "local worker doomed" in text and "after 2 restarts in a row; not restarting it" in text
     assert "Last lines of" in text and "doomed@" in text  # the tail of its log
@@ -158,3 +165,48 @@ def test_a_worker_restarted_while_the_broker_is_down_is_not_given_up(
         server.stop()
     assert any("restarted worker patient is not ready after 2 s" in r.getMessage()
                for r in caplog.records)  # fmt: skip
+
+
+def test_an_unacknowledged_message_nobody_holds_is_put_back_soon(broker_url, log_dir, tmp_path):
+    """A worker took a message, then lost its connection while giving it back (what a
+    broker restart does to the messages a worker had prefetched): the message waits in
+    kombu's unacknowledged hash, held by no worker. It is put back on the next scan,
+    not after the visibility timeout (300 s)."""
+    web, web_celery = make_app(broker_url, log_dir, "orphans", CELERY_START_LOCAL_WORKERS=False)
+    client = redis.Redis.from_url(broker_url)
+    with web.app_context():
+        future = web_celery.submit(tasks.touch, str(tmp_path / "ran"))
+    # take it off the queue as a worker would, and leave it unacknowledged, stamped 60 s
+    # ago, in nobody's set of held messages
+    raw = json.loads(client.rpop("celery"))
+    tag = raw["properties"]["delivery_tag"]
+    client.hset("unacked", tag, json.dumps([raw, "celery", "celery"]))
+    client.zadd("unacked_index", {tag: time.time() - 60})
+    app, celery = make_app(broker_url, log_dir, "orphans")
+    try:
+        with app.app_context():
+            celery.start()
+        assert future.result(timeout=25) == str(tmp_path / "ran")
+        assert client.hlen("unacked") == 0
+    finally:
+        celery.stop()
+
+
+def test_a_call_stopped_by_a_cold_shutdown_fails_saying_so(broker_url, log_dir, tmp_path):
+    """A cold stop while an at-most-once call runs: Celery stores RETRY ('cancelled by
+    Celery') although the message was acknowledged and never comes back, so the future
+    waited until its timeout. It fails at once, naming the stopped worker."""
+    app, celery = make_app(broker_url, log_dir, "coldstop")
+    mark, release = tmp_path / "mark", tmp_path / "release"
+    try:
+        with app.app_context():
+            future = celery.submit(tasks.mark_and_wait, str(mark), str(release), 30)
+            wait_until(mark.exists, 20, "the call to start")
+            celery.stop(timeout=0)
+            exc = future.exception(timeout=15)
+    finally:
+        release.touch()
+        celery.stop()
+    assert type(exc).__name__ == "WorkerLostError", repr(exc)
+    assert f"The worker coldstop@{os.uname().nodename} was stopped (cold shutdown)" in str(exc)
+    assert future.state == "FAILURE"

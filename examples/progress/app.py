@@ -3,9 +3,15 @@
 Run it with ``python examples/progress/app.py`` (or ``make serve``) and open
 http://127.0.0.1:5000. The Start button posts to ``/jobs``, which submits
 ``long_job`` with ``celery.submit``; the job reports each step with
-``current_task.update_state(state="PROGRESS", ...)``. The page polls
-``/jobs/<id>``, which reads the task back with ``celery.get(id)`` (only the id is
-needed, so any web process can answer), and draws the bar, then the result.
+``current_task.update_state(state="PROGRESS", ...)``. The page then moves to
+``/jobs/<id>`` (the job stays in the URL: a reload, a second tab or the back
+button follows the same job) and opens an ``EventSource`` on
+``/jobs/<id>/events``, which returns ``flask_execute.stream(id)``: every step is
+pushed to the page the moment the worker reports it, and nothing polls.
+
+Who may follow a job is this app's decision, as for any view: the signed session
+cookie lists the jobs this browser started, and any other id is a 404. The job's
+result text is shown (the app chose it for display); an error shows its type only.
 
 The first Start starts a local worker (and, when nothing answers on
 localhost:6379, a private Redis); both stop with the server. Worker logs go to
@@ -22,20 +28,24 @@ import typing as t
 import uuid
 from collections.abc import Mapping
 
+from flask import abort
 from flask import Blueprint
 from flask import current_app
 from flask import Flask
 from flask import render_template
 from flask import request
+from flask import session
 from flask import url_for
 from flask.typing import ResponseReturnValue
 
 from flask_execute import Celery
 from flask_execute import current_task
 from flask_execute import ExecuteError
+from flask_execute import stream
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MAX_STEPS = 100
+KEEP_JOBS = 20  # jobs remembered per browser
 
 celery = Celery()
 bp = Blueprint("progress", __name__)
@@ -56,7 +66,7 @@ def long_job(steps: int) -> str:
 
 @bp.get("/")
 def index() -> ResponseReturnValue:
-    return render_template("index.html", steps=current_app.config["PROGRESS_STEPS"])
+    return render_template("index.html", steps=current_app.config["PROGRESS_STEPS"], job=None)
 
 
 @bp.post("/jobs")
@@ -72,26 +82,47 @@ def start_job() -> ResponseReturnValue:
         future = celery.submit(long_job, steps)
     except ExecuteError as exc:  # no broker, or the worker would not start
         return {"error": str(exc)}, 503
-    url = url_for(".job", task_id=future.id)
-    return {"id": future.id, "total": steps, "url": url}, 202, {"Location": url}
+    # the jobs this browser may follow: the session cookie is signed, so it cannot
+    # be edited to follow someone else's job
+    session["jobs"] = [*session.get("jobs", [])[-(KEEP_JOBS - 1) :], [future.id, steps]]
+    job = _job(future.id, steps)
+    return job, 202, {"Location": job["url"]}
 
 
 @bp.get("/jobs/<uuid:task_id>")
-def job(task_id: uuid.UUID) -> ResponseReturnValue:
-    # celery.get() reads the task's current state at once; nothing here waits.
-    future = celery.get(str(task_id))
-    body: dict[str, t.Any] = {"id": future.id, "state": future.state}
-    if future.cancelled():
-        body["error"] = "The job was cancelled."
-    elif future.done():
-        exc = future.exception(timeout=0)
-        if exc is None:
-            body["result"] = future.result(timeout=0)
-        else:
-            body["error"] = f"{type(exc).__name__}: {exc}"
-    elif isinstance(future.info, dict):
-        body["info"] = future.info  # {"done": i, "total": n} while PROGRESS
-    return body
+def job_page(task_id: uuid.UUID) -> ResponseReturnValue:
+    """The page following one job: a reload or a second tab opens it again."""
+    job = _job(str(task_id), _allowed(str(task_id)))
+    return render_template("index.html", steps=job["total"], job=job)
+
+
+@bp.get("/jobs/<uuid:task_id>/events")
+def job_events(task_id: uuid.UUID) -> ResponseReturnValue:
+    """The job's states as server-sent events, pushed as the worker reports them."""
+    _allowed(str(task_id))
+    return stream(
+        str(task_id),
+        result=True,  # long_job returns a sentence written to be shown
+        error=lambda exc: f"The job failed ({type(exc).__name__}).",  # not its message
+    )
+
+
+def _allowed(task_id: str) -> int:
+    """The number of steps of a job this browser started; 404 for any other id (not
+    403: whether the id exists is nobody else's business)."""
+    for job_id, steps in session.get("jobs", []):
+        if job_id == task_id:
+            return int(steps)
+    abort(404)
+
+
+def _job(task_id: str, steps: int) -> dict[str, t.Any]:
+    return {
+        "id": task_id,
+        "total": steps,
+        "url": url_for(".job_page", task_id=task_id),
+        "events": url_for(".job_events", task_id=task_id),
+    }
 
 
 def create_app(config: Mapping[str, t.Any] | None = None) -> Flask:

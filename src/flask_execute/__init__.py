@@ -26,6 +26,7 @@ from .plugin import Celery
 from .plugin import RESERVED_OPTIONS
 from .pool import FuturePool
 from .progress import progress
+from .stream import stream
 
 __all__ = [
     "RESERVED_OPTIONS",
@@ -46,6 +47,7 @@ __all__ = [
     "UnsafePathError",
     "current_task",
     "progress",
+    "stream",
 ]
 
 

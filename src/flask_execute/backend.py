@@ -18,10 +18,13 @@ from __future__ import annotations
 import logging
 import typing as t
 
+from billiard.exceptions import WorkerLostError
 from celery import states
 from celery.backends.redis import RedisBackend
+from celery.exceptions import Retry
 
 from .claims import claim_key
+from .dispatch import DISPATCH
 from .dispatch import DISPATCH_TASKS
 from .envelopes import Codec
 from .envelopes import reply_channel
@@ -77,6 +80,10 @@ class SealedFailures:
         request: t.Any = None,
         **kwargs: t.Any,
     ) -> t.Any:
+        if state == states.RETRY and _cancelled_at_most_once(result, request):
+            # Celery's cold shutdown stores RETRY for the calls it stops; an at-most-once
+            # call was acknowledged already and never comes back: it failed, say why
+            state, result = states.FAILURE, _stopped(request)
         if (
             state == states.FAILURE
             and isinstance(result, BaseException)
@@ -96,6 +103,25 @@ class SealedFailures:
         except Exception:  # never keep Celery from storing the failure at all
             log.exception("flask-execute: could not seal the failure of task %s", task_id)
             return exc
+
+
+def _cancelled_at_most_once(result: t.Any, request: t.Any) -> bool:
+    """Is this the RETRY Celery stores for a running at-most-once dispatch call it
+    stopped in a cold shutdown (``Request.cancel``: ``Retry('cancelled by Celery')``)?"""
+    return (
+        getattr(request, "task", None) == DISPATCH
+        and isinstance(result, Retry)
+        and str(getattr(result, "message", "")) == "cancelled by Celery"
+    )
+
+
+def _stopped(request: t.Any) -> WorkerLostError:
+    worker = getattr(request, "hostname", None) or "?"
+    return WorkerLostError(
+        f"The worker {worker} was stopped (cold shutdown) while this call ran. It did"
+        " not finish and, delivered at most once, it does not run again; submit with"
+        " acks_late=True for calls that must survive a stopped worker."
+    )
 
 
 class QuietRedisBackend(SealedFailures, RedisBackend):  # type: ignore[misc]

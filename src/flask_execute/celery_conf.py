@@ -29,6 +29,7 @@ from celery import Task
 from flask import Flask
 
 from .admission import install as install_admission
+from .capacity import Advertise
 from .config import KEY_NAMES
 from .config import Settings
 from .context import make_task_class
@@ -77,6 +78,7 @@ def build(
     """
     task_class = make_task_class(app, base_task)
     controller = celery_module.Celery(app.import_name, task_cls=task_class, set_as_current=False)
+    controller.steps["worker"].add(Advertise)  # what map's automatic chunk size reads
     timeout = settings.broker_timeout
     conf: dict[str, object] = {
         "broker_url": broker_url,

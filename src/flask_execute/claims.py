@@ -148,9 +148,12 @@ class Claims:
 
     def cancel(self, task_id: str) -> bool:
         """Caller side: claim the id as cancelled; False if a worker claimed it first.
-        True without a Redis backend (nothing to race against)."""
+        True when it was cancelled already (by another future of the same id), and
+        without a Redis backend (nothing to race against)."""
         client = self._redis()
         if client is None:
             return True
-        ttl = self.ttl
-        return bool(client.set(claim_key(task_id), "cancelled", nx=True, ex=ttl))
+        key = claim_key(task_id)
+        return bool(client.set(key, "cancelled", nx=True, ex=self.ttl)) or (
+            client.get(key) == b"cancelled"
+        )

@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from celery import Task
 from werkzeug.local import LocalProxy
 
+from .capacity import Capacity
 from .celery_conf import CeleryApp
 from .claims import Claims
 from .config import Settings
@@ -36,6 +37,7 @@ from .outage import CONNECTION_ERRORS
 from .outage import Endpoints
 from .outcomes import Outcomes
 from .pool import FuturePool
+from .routing import Routes
 from .serialization import dump_call
 from .serialization import dump_calls
 from .serialization import function_label
@@ -100,6 +102,7 @@ class Client:
         start: Callable[[], None],
         endpoints: Endpoints,
         app_context: Callable[[], t.ContextManager[object]],
+        capacity: Capacity,
     ) -> None:
         self.celery_app = celery_app
         self._app_context = app_context
@@ -120,7 +123,8 @@ class Client:
             "by_value": settings.pickle_by_value,
         }
         self.eager_runs = EagerRuns(outcomes)
-        self._routed: dict[str, str] = {}  # dispatch task name -> the queue it routes to
+        self.routes = Routes(celery_app.controller)
+        self.capacity = capacity
 
     # --- submitting ------------------------------------------------------------------
     def apply(
@@ -146,15 +150,20 @@ class Client:
         options: dict[str, t.Any],
     ) -> FuturePool[R]:
         """Send one call per item of ``calls`` (a tuple or list is unpacked, anything
-        else is the single argument), ``kwargs`` for each; return their pool."""
+        else is the single argument), ``kwargs`` for each; return their pool.
+        ``chunksize=None`` picks one from the number of calls and the concurrency of
+        the queue's workers (:mod:`flask_execute.capacity`)."""
         if chunksize is not None and (not isinstance(chunksize, int) or chunksize < 1):
             raise ValueError(f"chunksize must be a positive integer; got {chunksize!r}.")
+        queue = options.get("queue") or self.controller.conf.task_default_queue
         constant = dict(kwargs or {})
         prepared_calls = [
             (tuple(call) if isinstance(call, (tuple, list)) else (call,), dict(constant))
             for call in calls
         ]
-        prepared = self.prepare(func, prepared_calls, options, chunksize or 1)
+        if chunksize is None:
+            chunksize = 1 if self.eager else self.capacity.chunksize(len(prepared_calls), queue)
+        prepared = self.prepare(func, prepared_calls, options, chunksize)
         self.send(prepared)
         return FuturePool(t.cast(list[Future[R]], prepared.futures))
 
@@ -178,7 +187,7 @@ class Client:
         options = dict(options)
         task = self.dispatch_for(options)
         label = function_label(func)
-        queue = self.queue_of(task, options)
+        queue = self.routes.queue_of(task, options)
         sanitized = [self._sanitize(args, kwargs) for args, kwargs in calls]
         reply = None
         if not self.eager:
@@ -310,19 +319,6 @@ class Client:
         self.endpoints.call("backend", watcher.ensure_running, retry=False)
         return watcher
 
-    def queue_of(self, task: Task, options: Mapping[str, t.Any]) -> str:
-        """The queue a call with these options goes to: its ``queue`` option, else
-        the base task's queue, else Celery's routing (``task_routes``, the default
-        queue): what a timeout names."""
-        queue = options.get("queue") or getattr(task, "queue", None)
-        if queue:
-            return str(getattr(queue, "name", queue))
-        routed = self._routed.get(task.name)
-        if routed is None:  # the same for every call of the task: asked once
-            queue = self.controller.amqp.router.route({}, task.name, (), {}, task).get("queue")
-            routed = self._routed[task.name] = str(getattr(queue, "name", queue))
-        return routed
-
     def dispatch_for(self, options: dict[str, t.Any]) -> Task:
         """Pick the dispatch task for these options (``acks_late`` is popped).
 
@@ -340,12 +336,21 @@ class Client:
         if self.eager:
             return self.eager_runs.get(task_id)
         future: Future[t.Any] = Future(task_id, self)
-        # its stored state (and claim) now, then whatever it publishes: a task that
+        self.follow(future)
+        return future
+
+    def follow(self, future: Future[t.Any]) -> None:
+        """Move ``future`` along its task's states (a task of any process): the stored
+        state now, then each change as the result watcher receives it."""
+        # the stored state (and claim) now, then whatever it publishes: a task that
         # finished and whose result is gone fails with ResultExpired (the watcher reads
         # the claim and the state in one round trip, so a task just starting never does)
         watcher = self.watcher()
-        self.endpoints.call("backend", lambda: watcher.watch(task_id, future, foreign=True))
-        return future
+        self.endpoints.call("backend", lambda: watcher.watch(future.id, future, foreign=True))
+
+    def unfollow(self, future: Future[t.Any]) -> None:
+        """Stop delivering states to ``future`` (nobody follows it any more)."""
+        self._watcher().unwatch(future.id, future)
 
     # --- the futures' link (FutureLink) ------------------------------------------------
     def cancel(self, future: Future[t.Any], terminate: bool) -> bool:

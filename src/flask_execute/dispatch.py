@@ -28,6 +28,7 @@ from celery.worker.state import task_ready
 from .chunks import run_chunk
 from .context import eager_run_active
 from .envelopes import reply_channel
+from .envelopes import unverified_header
 from .errors import RemoteError
 from .errors import SerializationError
 from .errors import SignatureError
@@ -35,6 +36,8 @@ from .failures import seal_failure
 from .message_fields import unsigned_field_problem
 from .redaction import SealedResult
 from .refusals import alert
+from .refusals import notice
+from .refusals import NOTIFIED
 from .refusals import Refused
 from .running import CONTROL_FLOW
 from .running import exit_error
@@ -187,6 +190,8 @@ def _admit(
     try:
         header, payload = worker.codec.open(envelope, "call", request.id, bindings)
     except SignatureError as exc:
+        if exc.reason in NOTIFIED and not eager:
+            _notify(task, worker, envelope, exc.reason)
         if exc.reason not in ("python_mismatch", "encryption_mismatch") or exc.header is None:
             _reject(task, exc)
         # the MAC checked out: a genuine set-up mistake, reported to the caller at once
@@ -246,6 +251,22 @@ def _admit(
                 },
             )
     return header, payload
+
+
+def _notify(task: Task, worker: Worker, envelope: str, reason: str) -> None:
+    """Tell the caller of a call refused for ``reason`` (a set-up mistake it can fix)
+    on the reply channel its envelope names: an unsigned notice, which the caller
+    believes only as far as that is harmless (:mod:`flask_execute.refusals`)."""
+    header = unverified_header(envelope)
+    reply = reply_channel(header) if header is not None else None
+    tid = task.request.id
+    client = getattr(task.backend, "client", None)
+    if reply is None or header is None or header.get("tid") != tid or client is None:
+        return
+    try:
+        client.publish(reply, notice(tid, reason, worker.codec.kid))
+    except Exception as exc:  # the refusal is logged anyway; the caller times out
+        log.warning("flask-execute: could not tell the caller of task %s: %r", tid, exc)
 
 
 def _parent_agrees(signed: object, request: t.Any, tid: str) -> bool:

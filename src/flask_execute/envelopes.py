@@ -43,6 +43,7 @@ __all__ = [
     "derive_key",
     "key_id",
     "reply_channel",
+    "unverified_header",
 ]
 
 VERSION = "fe1"
@@ -60,6 +61,23 @@ def reply_channel(header: t.Mapping[str, object]) -> str | None:
     """The reply channel a verified call header names, if it names a valid one."""
     reply = header.get("reply")
     return reply if isinstance(reply, str) and _REPLY.fullmatch(reply) else None
+
+
+def unverified_header(envelope: object) -> dict[str, object] | None:
+    """The header of ``envelope`` WITHOUT any check of its signature, or None when it
+    has no readable one. Only for telling the sender of an envelope this process
+    refuses where to hear of it (:func:`flask_execute.refusals.notice`); never for a
+    decision about the envelope itself."""
+    if not isinstance(envelope, str) or len(envelope) > 64 * 1024 * 1024:
+        return None
+    parts = envelope.split(".", 2)
+    if len(parts) < 3 or parts[0] != VERSION or len(parts[1]) > 4096:
+        return None
+    try:
+        header = json.loads(_b64d(parts[1]))
+    except (ValueError, binascii.Error, UnicodeDecodeError, RecursionError):
+        return None
+    return header if isinstance(header, dict) else None
 
 
 def derive_key(secret: bytes, salt: bytes = b"flask-execute.signing") -> bytes:

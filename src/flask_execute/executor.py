@@ -3,7 +3,7 @@
 Code written for ``ProcessPoolExecutor`` runs on Celery workers by changing the line
 that creates the executor. The semantics are the stdlib's exactly: ``submit(fn, *args,
 **kwargs)`` passes every keyword to ``fn`` (Celery options are given once, to
-``celery.executor(queue=...)``); ``map(fn, *iterables, timeout=None, chunksize=1)``
+``celery.executor(queue=...)``); ``map(fn, *iterables, timeout=None, chunksize=None)``
 zips its iterables, submits everything at once and yields results lazily, in order,
 under one overall ``timeout``; ``shutdown(wait=True, cancel_futures=False)``; a
 ``with`` block shuts down on exit.
@@ -69,23 +69,23 @@ class CeleryExecutor(concurrent.futures.Executor):
         fn: Callable[..., R],
         *iterables: Iterable[t.Any],
         timeout: float | None = None,
-        chunksize: int = 1,
+        chunksize: int | None = None,
     ) -> Iterator[R]:
         """``map(fn, *iterables)`` like the stdlib's: ``fn(a[0], b[0])``,
         ``fn(a[1], b[1])``, ... (stops at the shortest iterable). Everything is submitted
         now; the returned iterator yields results in order and raises
         ``TimeoutError`` if a result is not ready ``timeout`` seconds after this call.
-        ``chunksize`` sends that many calls per message.
+        ``chunksize`` sends that many calls per message (each still resolves on its
+        own); ``None`` lets :meth:`flask_execute.Celery.map`'s rule choose, and ``1``
+        sends one message per call.
         """
-        if chunksize < 1:
-            raise ValueError("chunksize must be >= 1.")
+        if chunksize is not None and (not isinstance(chunksize, int) or chunksize < 1):
+            raise ValueError(f"chunksize must be a positive integer; got {chunksize!r}.")
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             self._check_open()
         calls = list(zip(*iterables, strict=False))
-        pool = self._client.map_apply(
-            fn, calls, None, chunksize if chunksize > 1 else None, dict(self._options)
-        )
+        pool = self._client.map_apply(fn, calls, None, chunksize, dict(self._options))
         for future in pool:
             self._track(future)
         futures = list(pool)
@@ -100,7 +100,8 @@ class CeleryExecutor(concurrent.futures.Executor):
                     if deadline is None:
                         yield _result_or_cancel(futures.pop())
                     else:
-                        yield _result_or_cancel(futures.pop(), deadline - time.monotonic())
+                        left = deadline - time.monotonic()
+                        yield _result_or_cancel(futures.pop(), left, timeout)
             finally:
                 for future in futures:
                     future.cancel()
@@ -120,12 +121,15 @@ class CeleryExecutor(concurrent.futures.Executor):
             concurrent.futures.wait(pending)
 
 
-def _result_or_cancel(future: Future[R], timeout: float | None = None) -> R:
-    """``future.result(timeout)``, cancelling the call if it did not finish in time
-    (CPython's ``concurrent.futures._base._result_or_cancel``)."""
+def _result_or_cancel(
+    future: Future[R], left: float | None = None, timeout: float | None = None
+) -> R:
+    """``future.result(left)``, cancelling the call if it did not finish in time
+    (CPython's ``concurrent.futures._base._result_or_cancel``); a timeout error names
+    ``timeout``, the whole wait the caller gave ``map``."""
     try:
         try:
-            return future.result(None if timeout is None else max(0.0, timeout))
+            return future.result_within(None if left is None else max(0.0, left), timeout)
         finally:
             future.cancel()
     finally:

@@ -78,7 +78,7 @@ class Future(concurrent.futures.Future[T]):
         self._queue = queue
         self._celery_state = "PENDING"
         self._info: object = None
-        self._facts: dict[str, object] = {}
+        self._facts: dict[str, object] | None = None  # made on the first fact: memory
         #: the ``map`` chunk (one message, several calls) this future is a member of
         self.chunk = chunk
 
@@ -122,16 +122,19 @@ class Future(concurrent.futures.Future[T]):
         """The queue the call was sent to (None for a future of ``celery.get()``)."""
         return self._queue
 
+    def _fact(self, key: str) -> object:
+        return None if self._facts is None else self._facts.get(key)
+
     @property
     def traceback(self) -> str | None:
         """The worker-side traceback of a failed task (text), else None."""
-        value = self._facts.get("traceback")
+        value = self._fact("traceback")
         return value if isinstance(value, str) and value else None
 
     @property
     def date_done(self) -> datetime.datetime | None:
         """When the task finished (UTC), as the worker stored it; None until then."""
-        value = self._facts.get("date_done")
+        value = self._fact("date_done")
         if isinstance(value, str):
             try:
                 return datetime.datetime.fromisoformat(value)
@@ -142,13 +145,13 @@ class Future(concurrent.futures.Future[T]):
     @property
     def retries(self) -> int:
         """How many times the task was retried (``current_task.retry()``) so far."""
-        value = self._facts.get("retries")
+        value = self._fact("retries")
         return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
     @property
     def worker(self) -> str | None:
         """The node (``name@host``) that ran or runs the task, once it started."""
-        value = self._facts.get("worker")
+        value = self._fact("worker")
         return value if isinstance(value, str) else None
 
     @property
@@ -173,14 +176,17 @@ class Future(concurrent.futures.Future[T]):
     def record(self, meta: t.Mapping[str, object]) -> None:
         """Note Celery's facts in a stored state (when it finished, the traceback,
         which worker started it and at which retry). Never changes the outcome."""
+        facts = self._facts if self._facts is not None else {}
         if meta.get("status") == "STARTED":
             info = meta.get("result")
             if isinstance(info, t.Mapping):
-                self._facts["worker"] = info.get("hostname")
-                self._facts["retries"] = info.get("retries", self._facts.get("retries"))
+                facts["worker"] = info.get("hostname")
+                facts["retries"] = info.get("retries", facts.get("retries"))
         for key in ("date_done", "traceback"):
             if meta.get(key) is not None:
-                self._facts[key] = meta[key]
+                facts[key] = meta[key]
+        if facts:
+            self._facts = facts
 
     def set_progress(self, state: str, info: object = None) -> None:
         """A non-final Celery state arrived (STARTED, PROGRESS, RETRY, ...): follow it.
@@ -237,6 +243,18 @@ class Future(concurrent.futures.Future[T]):
         if wait:
             concurrent.futures.wait([self], timeout)
         return True
+
+    def refuse(self, error: BaseException) -> None:
+        """A worker says it refused this call (an unsigned notice, which anyone able to
+        publish to the result backend could send): fail with ``error`` if, and only if,
+        the call can still be withdrawn, that is it had not started and now never runs.
+        Otherwise the notice is ignored. Never gives a value."""
+        with self._condition:
+            if self._state != _base.PENDING:
+                return
+        if self._link is None or not self._link.cancel(self, False):
+            return
+        self.settle("FAILURE", exc=error)
 
     def _cancel(self, terminate: bool) -> bool:
         with self._condition:
@@ -295,9 +313,15 @@ class Future(concurrent.futures.Future[T]):
             traceback); :class:`concurrent.futures.CancelledError` when cancelled;
             :class:`~flask_execute.TaskTimeoutError` (a ``TimeoutError``) on timeout.
         """
+        return self.result_within(timeout, timeout)
+
+    def result_within(self, wait: float | None, timeout: float | None) -> T:
+        """``result(wait)``, where ``wait`` is what is left of a longer wait of
+        ``timeout`` seconds (``executor.map``'s): a timeout error names ``timeout``,
+        the time the caller gave, not what was left of it."""
         self._guard()
         try:
-            return super().result(timeout)
+            return super().result(wait)
         except concurrent.futures.TimeoutError:
             if self.done():  # the task's own TimeoutError, not our wait running out
                 raise

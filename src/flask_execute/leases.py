@@ -16,7 +16,12 @@ Here each stamp is a lease that the holder renews:
 * each worker also records the messages it holds in a set of its own (named after its
   host and process id, updated in the same transaction as kombu's hash), so that
   whoever sees it die (the local-services supervisor) gives them back at once with
-  :func:`give_back`.
+  :func:`give_back`;
+* a message in kombu's hash that no worker's set holds is an orphan: a worker took it,
+  then lost its connection while giving it back (a broker restart does that to the
+  messages a worker had prefetched). Each scan puts back the orphans whose stamp is
+  older than :data:`ORPHAN_AFTER` (every holder renews its stamps more often than
+  that), instead of leaving them for the visibility timeout.
 
 The lease is renewed by the worker's main process (its event loop), which a prefork or
 threads pool leaves free while tasks run. A worker whose main process runs the task
@@ -26,6 +31,7 @@ than the visibility timeout is delivered again.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -34,12 +40,24 @@ import typing as t
 from kombu.transport import redis
 from kombu.utils.json import dumps
 
-__all__ = ["LeasedQoS", "give_back", "owner_key"]
+__all__ = ["ORPHAN_AFTER", "LeasedQoS", "give_back", "holders_key", "owner_key"]
+
+log = logging.getLogger(__name__)
+
+
+#: seconds after which an unacknowledged message that no worker holds is put back
+#: (three restore intervals: a holder renews its stamp on every one)
+ORPHAN_AFTER = 30.0
 
 
 def owner_key(unacked_key: str, host: str, pid: int) -> str:
     """The set of delivery tags held by the worker process ``pid`` on ``host``."""
     return f"{unacked_key}:held:{host}:{pid}"
+
+
+def holders_key(unacked_key: str) -> str:
+    """The set of every worker's :func:`owner_key` (some may have expired)."""
+    return f"{unacked_key}:holders"
 
 
 class LeasedQoS(redis.QoS):
@@ -63,7 +81,9 @@ class LeasedQoS(redis.QoS):
                 self.unacked_key,
                 delivery_tag,
                 dumps([message._raw, exchange, routing_key]),  # type: ignore[no-untyped-call]
-            ).sadd(self.held_key, delivery_tag).expire(self.held_key, self._held_ttl()).execute()
+            ).sadd(self.held_key, delivery_tag).expire(self.held_key, self._held_ttl()).sadd(
+                holders_key(self.channel.unacked_key), self.held_key
+            ).execute()
             # kombu's virtual QoS keeps it in memory too (skipping redis.QoS.append)
             super(redis.QoS, self).append(message, delivery_tag)  # type: ignore[no-untyped-call]
 
@@ -81,7 +101,35 @@ class LeasedQoS(redis.QoS):
                 # XX: only re-stamp what is still unacknowledged (never re-add an ack)
                 client.zadd(self.unacked_index_key, dict.fromkeys(tags, now), xx=True)
                 client.expire(self.held_key, self._held_ttl())
+        self.restore_orphans()
         super().restore_visible(*args, **kwargs)  # type: ignore[no-untyped-call]
+
+    def restore_orphans(self, older_than: float = ORPHAN_AFTER) -> int:
+        """Put back (at the head of their queues) the unacknowledged messages stamped
+        more than ``older_than`` seconds ago that no worker holds; return how many."""
+        with self.channel.conn_or_acquire() as client:
+            stale = client.zrangebyscore(
+                self.unacked_index_key, 0, time.time() - older_than, start=0, num=1000
+            )
+            if not stale:
+                return 0  # the usual case: one round trip per scan
+            holders = holders_key(self.channel.unacked_key)
+            held: set[bytes] = set()
+            for key in client.smembers(holders):
+                members = client.smembers(key)
+                if members:
+                    held |= members
+                else:  # expired: its worker is gone
+                    client.srem(holders, key)
+            orphans = [tag for tag in stale if tag not in held]
+            for tag in orphans:
+                self.restore_by_tag(tag.decode(), client, leftmost=True)  # type: ignore[no-untyped-call]
+        if orphans:
+            log.warning(
+                "flask-execute: put back %d unacknowledged message(s) that no worker held",
+                len(orphans),
+            )
+        return len(orphans)
 
 
 def give_back(channel: t.Any, host: str, pid: int) -> int:

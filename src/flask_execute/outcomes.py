@@ -39,6 +39,8 @@ from .errors import SignatureError
 from .futures import Chunk
 from .futures import Future
 from .futures import READY
+from .refusals import NOTICE
+from .refusals import refusal_message
 
 __all__ = [
     "EXPIRED",
@@ -154,6 +156,14 @@ class Outcomes:
     def deliver(self, task_id: str, meta: Mapping[str, t.Any], handler: Handler) -> None:
         """Move ``handler`` (a future, or a ``map`` chunk) to the state ``meta`` stands
         for."""
+        if NOTICE in meta:  # a worker refused the call: see refusals.py
+            members = handler.members if isinstance(handler, Chunk) else [handler]
+            for member in members:
+                label = f"{member.name or 'the call'}[{member.id}]"
+                text = refusal_message(label, meta[NOTICE], self.codec.kid, meta.get("worker_kid"))
+                if text is not None:
+                    member.refuse(SignatureError(t.cast(str, meta[NOTICE]), text))
+            return
         if isinstance(handler, Chunk):
             self._deliver_chunk(task_id, meta, handler.members)
             return

@@ -10,6 +10,7 @@ local services live in that app's :class:`~flask_execute.runtime.Runtime`
 
 from __future__ import annotations
 
+import gc
 import logging
 import typing as t
 import weakref
@@ -116,6 +117,13 @@ class Celery:
                 app = None
         if app is None:
             apps = list(self._apps)
+            if len(apps) > 1:
+                # an app nobody uses any more may live on in reference cycles (the
+                # app of an earlier test, say) until the collector runs: collect
+                # before calling the choice ambiguous (a path that otherwise raises)
+                del apps
+                gc.collect()
+                apps = list(self._apps)
             if len(apps) == 1:
                 app = apps[0]
             elif not apps:
@@ -176,7 +184,10 @@ class Celery:
         (``map(add, [1, 2], [3, 4])`` runs ``add(1, 2)`` and ``add(3, 4)``), anything
         else is passed as the single argument. Keyword arguments are passed to every
         call (reserved option names excepted). ``chunksize=n`` sends ``n`` calls per
-        message (fewer broker round trips; the members of a chunk finish together).
+        message (fewer broker round trips; each call still resolves on its own);
+        ``None`` chooses from the number of calls and the queue's worker
+        concurrency (:func:`flask_execute.capacity.auto_chunksize`), ``1`` sends one
+        message per call.
         """
         options = {k: kwargs.pop(k) for k in list(kwargs) if k in RESERVED_OPTIONS}
         return self.map_apply(func, calls, kwargs, chunksize=chunksize, **options)
@@ -224,6 +235,13 @@ class Celery:
         ``timeout`` seconds.
         """
         return self._get_state().status(timeout)
+
+    @property
+    def logs(self) -> list[str]:
+        """The log files of the local services this process runs for the current app
+        (workers, beat, Flower; as Flask-Execute 0.1.6's ``celery.logs``); empty when it
+        runs none."""
+        return [child.log_path for child in self._get_state().services.children]
 
     @property
     def inspect(self) -> Inspect:

@@ -117,9 +117,18 @@ class FuturePool(t.Generic[T]):
                 return exc
         return None
 
-    def cancel(self, terminate: bool = False) -> bool:
-        """Cancel every member that can be; True if at least one was cancelled."""
-        return any([f.cancel(terminate) for f in self.futures])
+    def cancel(
+        self, terminate: bool = False, *, wait: bool = False, timeout: float | None = None
+    ) -> bool:
+        """Cancel every member that can be; True if at least one was cancelled.
+
+        ``terminate=True`` also stops the running ones. ``wait=True`` (as in
+        Flask-Execute 0.1.6) then waits up to ``timeout`` seconds in all for every
+        member to be final."""
+        cancelled = any([f.cancel(terminate) for f in self.futures])
+        if wait:
+            concurrent.futures.wait(self.futures, timeout)
+        return cancelled
 
     def cancelled(self) -> bool:
         """True if any member was cancelled."""

@@ -37,14 +37,27 @@ def progress(
             for _ in done_iter:
                 bar.update(1)
         return
-    last = 0.0
-    for done, _ in enumerate(done_iter, 1):
-        now = time.monotonic()
-        if now - last > 0.1 or done == total:
-            last = now
-            width = 30
-            filled = int(width * done / total) if total else width
-            out.write(f"\r{description}: [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
-            out.flush()
-    out.write("\n" if total else f"{description}: nothing to wait for\n")
-    out.flush()
+    if not total:
+        out.write(f"{description}: nothing to wait for\n")
+        out.flush()
+        return
+
+    def draw(done: int) -> None:
+        width = 30
+        filled = int(width * done / total)
+        out.write(f"\r{description}: [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
+        out.flush()
+
+    draw(0)
+    last = 0.0  # the first finished future is drawn at once
+    try:
+        for done, _ in enumerate(done_iter, 1):
+            now = time.monotonic()
+            if now - last > 0.1 or done == total:
+                last = now
+                draw(done)
+    finally:
+        # the bar's line ends however the wait ends (done, a timeout, Ctrl-C), so
+        # that what is printed next starts on a line of its own
+        out.write("\n")
+        out.flush()

@@ -17,6 +17,7 @@ from .outcomes import read_replies
 from .outcomes import read_state
 from .outcomes import UNREADABLE
 from .watcher import Deliver
+from .watcher import sweep_interval
 from .watcher import Watcher
 
 __all__ = ["RedisWatcher"]
@@ -45,12 +46,17 @@ class RedisWatcher(Watcher):
         self._acked: dict[bytes, threading.Event] = {}
 
     def _drop(self, task_id: str) -> None:
-        entry = self._entries.pop(task_id, None)
-        if entry is not None and entry.foreign:
-            self._channels.discard(self._prefix + task_id.encode())
+        self._entries.pop(task_id, None)
+        self._channels.discard(self._prefix + task_id.encode())
 
     def ensure_running(self) -> None:
-        if self._thread is None or not self._thread.is_alive():
+        """Return once the thread is subscribed; start it if it is not running (or
+        has decided to stop: :meth:`_stop_if_idle`).
+
+        :raises ConnectionError: not subscribed within the connect timeout.
+        """
+        deadline = time.monotonic() + self._connect_timeout
+        while True:
             with self._lock:
                 if self._thread is None or not self._thread.is_alive():
                     self._subscribed.clear()
@@ -58,18 +64,35 @@ class RedisWatcher(Watcher):
                         target=self._run, name="flask-execute-watcher", daemon=True
                     )
                     self._thread.start()
-        # Calls published before the subscription exists could finish unseen.
-        if not self._subscribed.wait(self._connect_timeout):
-            raise ConnectionError(
-                "flask-execute could not subscribe to result notifications on the"
-                f" result backend: {self._error!r}"
-            ) from self._error
+            # Calls published before the subscription exists could finish unseen.
+            left = deadline - time.monotonic()
+            if self._subscribed.wait(max(0.0, min(left, 0.2))):
+                return
+            if left <= 0:
+                raise ConnectionError(
+                    "flask-execute could not subscribe to result notifications on the"
+                    f" result backend: {self._error!r}"
+                ) from self._error
+
+    def _stop_if_idle(self) -> bool:
+        """After losing the connection: stop, when no future waits. Decided under the
+        lock with which :meth:`watch` adds a waiter (and :meth:`ensure_running` looks
+        at the thread), so that a waiter added meanwhile is either seen here or starts
+        a new thread."""
+        with self._lock:
+            if self._waiting():
+                return False
+            self._thread = None
+            return True
 
     def _follow(self, task_id: str) -> None:
         channel = self._prefix + task_id.encode()
         with self._lock:
-            if task_id not in self._entries:
+            entry = self._entries.get(task_id)
+            if entry is None:
                 return  # final already (fetched): nothing to follow
+            if not entry.foreign:
+                return  # a call of this process: its states come on the reply channel
             self._channels.add(channel)
             if channel in self._ready:
                 return
@@ -149,6 +172,7 @@ class RedisWatcher(Watcher):
                     self._fetch(self.pending_ids())
                 backoff = 0.1
                 last_sweep = time.monotonic()
+                wait = self.sweep_every
                 while not self._stopping.is_set():
                     message = pubsub.get_message(timeout=1.0)
                     if message is not None:
@@ -163,19 +187,19 @@ class RedisWatcher(Watcher):
                                 acked.set()
                     self._sync_channels(pubsub, current)
                     now = time.monotonic()
-                    if now - last_sweep > self.sweep_every:
+                    if now - last_sweep > wait:
                         last_sweep = now
                         pending = self.pending_ids()
                         if pending:
                             self._fetch(pending)
+                        wait = sweep_interval(len(pending), self.sweep_every)
             except Exception as exc:
                 self._error = exc
+                self._subscribed.clear()  # until subscribed again
                 if self._stopping.is_set():
                     break
-                if not self.has_waiters():
-                    # nobody waits: stop quietly; the next watch() starts a new thread
-                    self._subscribed.clear()
-                    return
+                if self._stop_if_idle():
+                    return  # nobody waits: the next watch() starts a new thread
                 (log.warning if backoff >= 1.0 else log.debug)(
                     "flask-execute: result watcher lost the result backend (%r);"
                     " reconnecting in %.1f s",

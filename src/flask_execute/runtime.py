@@ -31,6 +31,7 @@ from . import consumption
 from . import devserver
 from . import redaction
 from . import rundir
+from .capacity import Capacity
 from .claims import Claims
 from .client import at_interpreter_exit
 from .client import Client
@@ -110,6 +111,7 @@ class Runtime:
             self.ensure_started,
             self.endpoints,
             app.app_context,
+            Capacity(lambda: self.controller.backend),
         )
         self.services = LocalServices(self)
         self._started = False

@@ -23,6 +23,11 @@ Fixtures (your test suite provides the ``app`` fixture, as with pytest-flask)::
     ``CELERY_WORKERS``) and stops them after the test; returns the ``Runtime``.
 ``flask_execute_eager``
     Switches the ``app`` fixture's extension to eager mode for the test.
+
+Both push an application context of the ``app`` fixture for the test (as
+pytest-flask does), so ``celery.submit`` picks that app even while the apps of
+earlier tests are still alive (a factory extension serves every app it was given
+until the app is garbage).
 """
 
 from __future__ import annotations
@@ -74,11 +79,12 @@ def _state(app: Flask) -> Runtime:
 def flask_execute_worker(app: Flask) -> Iterator[Runtime]:
     """Real local workers for the ``app`` fixture, stopped after the test."""
     state = _state(app)
-    state.start()
-    try:
-        yield state
-    finally:
-        state.stop()
+    with app.app_context():
+        state.start()
+        try:
+            yield state
+        finally:
+            state.stop()
 
 
 @pytest.fixture
@@ -88,6 +94,7 @@ def flask_execute_eager(app: Flask) -> Iterator[Runtime]:
     previous = state.eager
     state.eager = True
     try:
-        yield state
+        with app.app_context():
+            yield state
     finally:
         state.eager = previous

@@ -35,12 +35,32 @@ from kombu.exceptions import SerializationError
 
 from .outcomes import unreadable
 
-__all__ = ["SWEEP_EVERY", "Deliver", "PollingWatcher", "Watcher", "stop_all"]
+__all__ = [
+    "SWEEP_EVERY",
+    "SWEEP_RATE",
+    "Deliver",
+    "PollingWatcher",
+    "Watcher",
+    "stop_all",
+    "sweep_interval",
+]
 
 log = logging.getLogger(__name__)
 
 #: Seconds between two sweeps (one fetch of every pending state) of a watcher.
 SWEEP_EVERY = 5.0
+#: At most this many pending states fetched per second by the sweeps, on average: a
+#: large ``map`` is swept less often instead of costing more per call.
+SWEEP_RATE = 1000.0
+
+
+def sweep_interval(pending: int, every: float = SWEEP_EVERY) -> float:
+    """Seconds until the next sweep, after one that fetched ``pending`` states:
+    ``every``, or longer when sweeping that many states that often would fetch more
+    than :data:`SWEEP_RATE` per second."""
+    return max(every, pending / SWEEP_RATE)
+
+
 _ORPHAN_TTL = 3600.0
 _FINAL = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
 # what a Celery backend raises for a stored state it cannot decode (as opposed to
@@ -83,8 +103,10 @@ class _Entry:
     def __init__(self, foreign: bool) -> None:
         self.foreign = foreign
         self.created = time.monotonic()
-        self.handlers: list[weakref.ref[t.Any]] = []
-        self.held: list[t.Any] = []
+        # tuples, not lists: most entries have one handler and nothing held, and a
+        # large map keeps one entry per pending call (memory per pending future)
+        self.handlers: tuple[weakref.ref[t.Any], ...] = ()
+        self.held: tuple[t.Any, ...] = ()
 
     def orphaned(self, now: float) -> bool:
         """Nobody waits any more, and nothing needs the entry."""
@@ -94,7 +116,7 @@ class _Entry:
 
     def add(self, handler: t.Any) -> None:
         if not any(ref() is handler for ref in self.handlers):
-            self.handlers.append(weakref.ref(handler))
+            self.handlers = (*self.handlers, weakref.ref(handler))
 
     def live(self) -> list[t.Any]:
         """Every handler still alive, held ones included, each once."""
@@ -151,7 +173,7 @@ class Watcher:
         with self._lock:
             entry = self._entries.get(task_id)
             if entry is not None and not any(h is handler for h in entry.held):
-                entry.held.append(handler)
+                entry.held = (*entry.held, handler)
 
     def release(self, task_id: str, handler: t.Any) -> None:
         """``handler`` no longer waits (it was cancelled here)."""
@@ -159,9 +181,22 @@ class Watcher:
             entry = self._entries.get(task_id)
             if entry is None:
                 return
-            entry.held = [h for h in entry.held if h is not handler]
-            entry.handlers = [r for r in entry.handlers if r() not in (None, handler)]
+            entry.held = tuple(h for h in entry.held if h is not handler)
+            entry.handlers = tuple(r for r in entry.handlers if r() not in (None, handler))
             if not entry.held and not entry.handlers:
+                self._drop(task_id)
+
+    def unwatch(self, task_id: str, handler: t.Any) -> None:
+        """``handler`` no longer waits (a stream ended). A call of this process stays
+        tracked until it is final (the exit wait needs it); a foreign task is forgotten
+        once nobody else here waits on it."""
+        with self._lock:
+            entry = self._entries.get(task_id)
+            if entry is None:
+                return
+            entry.held = tuple(h for h in entry.held if h is not handler)
+            entry.handlers = tuple(r for r in entry.handlers if r() not in (None, handler))
+            if entry.foreign and not entry.live():
                 self._drop(task_id)
 
     def forget(self, task_id: str) -> None:
@@ -179,7 +214,11 @@ class Watcher:
         """Does any future here still wait (as opposed to calls followed only for the
         exit wait)?"""
         with self._lock:
-            return any(entry.live() for entry in self._entries.values())
+            return self._waiting()
+
+    def _waiting(self) -> bool:
+        """:meth:`has_waiters`, with the lock held."""
+        return any(entry.live() for entry in self._entries.values())
 
     def in_flight(self) -> list[str]:
         """The calls this process submitted that are not final yet (whether or not

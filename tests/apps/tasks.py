@@ -161,3 +161,17 @@ def incr_and_sleep(redis_url, key, seconds):
     incr(redis_url, key)
     time.sleep(seconds)
     return key
+
+
+def fail_after_touch(path, message):
+    """A side effect, then ``ValueError(message)``."""
+    touch(path)
+    raise ValueError(message)
+
+
+def report_times(n, delay):
+    """Report ``n`` steps ``delay`` seconds apart, each with the time it was reported."""
+    for i in range(n):
+        time.sleep(delay)
+        current_task.update_state(state="PROGRESS", meta={"done": i + 1, "at": time.time()})
+    return n
