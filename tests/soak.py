@@ -25,10 +25,14 @@ def main() -> None:
 
     tmp = tempfile.TemporaryDirectory(prefix="fe-soak-")
     os.environ["XDG_RUNTIME_DIR"] = tmp.name
+    from flask_execute import supervisor
     from flask_execute.local import EmbeddedRedis
     from flask_execute.processes import free_port
     from tests import faults
 
+    # the kills come faster than the supervisor's give-up policy tolerates (5 restarts
+    # without a minute of calm): the soak measures delivery, not that policy
+    supervisor.MAX_RESTARTS = args.kills + 5
     broker = EmbeddedRedis(os.path.join(tmp.name, "broker"), port=free_port(), appendonly=True)
     counters = EmbeddedRedis(os.path.join(tmp.name, "counters"), port=free_port())
     broker.start()

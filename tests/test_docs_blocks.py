@@ -509,6 +509,10 @@ PLANS: dict[tuple[str, str], Plan] = {  # (page, the start of the block's first 
     ("docs/dependencies.md", "from flask_execute import DependencyError"): Session(),
     # --- docs/futures.md ---
     ("docs/futures.md", "Task my_app:add[5eb7...] not done"): OUTPUT,
+    ("docs/futures.md", "Task my_app:report[9c1d...] not done"): OUTPUT,
+    ("docs/cli.md", "[... WARNING/MainProcess] flask-execute: worker celery@web1"): OUTPUT,
+    ("docs/local-services.md", "* flask-execute: worker worker1 started"): OUTPUT,
+    ("docs/reliability.md", "| fault, delivery | accepted |"): OUTPUT,
     ("docs/futures.md", "f = celery.submit(report, countdown=60)"): Session(
         defs="def report():\n    return 'report'\n"),
     ("docs/futures.md", "task_id = celery.submit(build_report"): Session(

@@ -91,35 +91,51 @@ def _check(counts: faults.Counts, late: bool, running_bound: int) -> None:
         assert counts.lost <= running_bound, counts
 
 
+def _loads(celery, app, counter_url) -> list[faults.Load]:
+    """Both delivery modes at once, each counted on its own: one worker start and one
+    fault serve both (the suite's slowest part is waiting out the fault)."""
+    return [faults.Load(celery, app, counter_url, late) for late in (False, True)]
+
+
+def _settle(loads, queued) -> list[faults.Counts]:
+    return [load.settle(60, queued) for load in loads]
+
+
+def _check_both(loads, counts, running_bound: int) -> None:
+    for load, count in zip(loads, counts, strict=True):
+        _check(count, load.late, running_bound)
+
+
 # --- broker restart under load -----------------------------------------------------
-@pytest.mark.parametrize("late", MODES)
-def test_redis_restart_under_load(private_redis, counter_url, log_dir, late):
+def test_redis_restart_under_load(private_redis, counter_url, log_dir):
     url = private_redis.url + "/0"
     app, celery = faults.make_app(url, url, log_dir, "rrestart")
-    load = faults.Load(celery, app, counter_url, late)
+    loads = _loads(celery, app, counter_url)
     try:
         with app.app_context():
             celery.start()
             pids = [c.pid for c in app.extensions["celery"].runtime(app).services.children]
-            load.start(rate=20)
+            for load in loads:
+                load.start(rate=12)
             time.sleep(2)
             private_redis.stop()
             time.sleep(OUTAGE)
             private_redis.start()
             time.sleep(3)
-            load.stop()
-            counts = load.settle(60, lambda: _redis_queued(url))
+            for load in loads:
+                load.stop()
+            counts = _settle(loads, lambda: _redis_queued(url))
             # every worker still serves, and it is the same process
             assert [c.pid for c in app.extensions["celery"].runtime(app).services.children] == pids
             assert len(celery.status(timeout=5)) == 1
     finally:
-        load.stop()
+        for load in loads:
+            load.stop()
         celery.stop()
-    _check(counts, late, running_bound=0)
+    _check_both(loads, counts, running_bound=0)
 
 
-@pytest.mark.parametrize("late", MODES)
-def test_rabbitmq_outage_under_load(redis_url, counter_url, log_dir, late):
+def test_rabbitmq_outage_under_load(redis_url, counter_url, log_dir):
     _rabbit_or_skip()
     from urllib.parse import urlsplit
 
@@ -128,33 +144,35 @@ def test_rabbitmq_outage_under_load(redis_url, counter_url, log_dir, late):
     url = faults.AMQP_URL.replace(f":{target.port or 5672}", f":{proxy.port}")
     queue, extra = _amqp_setup("outage")
     app, celery = faults.make_app(url, fresh_db_url(redis_url), log_dir, "aoutage", **extra)
-    load = faults.Load(celery, app, counter_url, late)
+    loads = _loads(celery, app, counter_url)
     try:
         with app.app_context():
             celery.start()
             pids = [c.pid for c in app.extensions["celery"].runtime(app).services.children]
-            load.start(rate=20)
+            for load in loads:
+                load.start(rate=12)
             time.sleep(2)
             proxy.cut()
             time.sleep(OUTAGE)
             proxy.restore()
             time.sleep(3)
-            load.stop()
-            counts = load.settle(60, lambda: _amqp_queued(app, queue))
+            for load in loads:
+                load.stop()
+            counts = _settle(loads, lambda: _amqp_queued(app, queue))
             assert [c.pid for c in app.extensions["celery"].runtime(app).services.children] == pids
             assert len(celery.status(timeout=5)) == 1
     finally:
-        load.stop()
+        for load in loads:
+            load.stop()
         celery.stop()
         _amqp_cleanup(app, queue)
         proxy.close()
-    _check(counts, late, running_bound=0)
+    _check_both(loads, counts, running_bound=0)
 
 
 # --- worker SIGKILL at random instants under load ----------------------------------
-@pytest.mark.parametrize("late", MODES)
 @pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
-def test_worker_kill_under_load(broker, private_redis, counter_url, redis_url, log_dir, late):
+def test_worker_kill_under_load(broker, private_redis, counter_url, redis_url, log_dir):
     extra: dict[str, object] = {}
     queue = None
     if broker == "rabbitmq":
@@ -164,24 +182,27 @@ def test_worker_kill_under_load(broker, private_redis, counter_url, redis_url, l
     else:
         url = backend = private_redis.url + "/0"
     app, celery = faults.make_app(url, backend, log_dir, f"kill{broker}", **extra)
-    load = faults.Load(celery, app, counter_url, late)
+    loads = _loads(celery, app, counter_url)
     kills = 3
     try:
         with app.app_context():
             celery.start()
-            load.start(rate=30, seconds=8)
+            for load in loads:
+                load.start(rate=15, seconds=8)
             faults.kill_workers_at_random(app, kills, 7.0, seed=int(time.time()))
             time.sleep(1.5)
-            load.stop()
+            for load in loads:
+                load.stop()
             queued = (lambda: _redis_queued(url)) if queue is None else (
                 lambda: _amqp_queued(app, queue))  # fmt: skip
-            counts = load.settle(60, queued)
+            counts = _settle(loads, queued)
     finally:
-        load.stop()
+        for load in loads:
+            load.stop()
         celery.stop()
         if queue is not None:
             _amqp_cleanup(app, queue)
-    _check(counts, late, running_bound=kills * 2)  # 2 pool processes per worker
+    _check_both(loads, counts, running_bound=kills * 2)  # 2 pool processes per worker
 
 
 # --- web process SIGKILL under load ---------------------------------------------------

@@ -133,6 +133,40 @@ def test_a_channel_closed_after_its_connection_still_gives_messages_back(broker_
         connection.release()
 
 
+def test_a_worker_restarted_while_the_broker_is_down_is_not_given_up(
+    tmp_path, log_dir, monkeypatch, caplog
+):
+    # found by `make soak`: a worker killed during a Redis outage was restarted, did
+    # not become ready (no broker) within the start timeout, was killed for it and
+    # restarted again, until the supervisor gave it up during a 30 s outage
+    from flask_execute.local import EmbeddedRedis
+    from tests.conftest import free_port
+
+    monkeypatch.setattr(supervisor, "BACKOFF", 0.05)
+    monkeypatch.setattr(supervisor, "MAX_RESTARTS", 2)
+    caplog.set_level(logging.WARNING, "flask_execute")
+    server = EmbeddedRedis(str(tmp_path / "redis"), port=free_port())
+    server.start()
+    app, celery = make_app(server.url + "/0", log_dir, "patient", CELERY_START_TIMEOUT=2)
+    services = celery.runtime(app).services
+    try:
+        celery.start()
+        server.stop()
+        (child,) = services.children
+        os.kill(child.pid, signal.SIGKILL)
+        time.sleep(8)  # longer than the restarts allowed: 2 x (start timeout + backoff)
+        assert services.given_up == []
+        (fresh,) = services.children
+        assert fresh.pid != child.pid and fresh.alive()
+        server.start()
+        assert celery.submit(tasks.add, 1, 2).result(timeout=30) == 3
+    finally:
+        celery.stop()
+        server.stop()
+    assert any("restarted worker patient is not ready after 2 s" in r.getMessage()
+               for r in caplog.records)  # fmt: skip
+
+
 def test_an_unacknowledged_message_nobody_holds_is_put_back_soon(broker_url, log_dir, tmp_path):
     """A worker took a message, then lost its connection while giving it back (what a
     broker restart does to the messages a worker had prefetched): the message waits in

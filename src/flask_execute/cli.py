@@ -115,8 +115,7 @@ def worker(args: tuple[str, ...]) -> None:
         if name in state.settings.workers:
             options = state.worker_options(name, local=False)
             defaults = worker_argv(name, options, state.settings.log_level)[2:]  # -n stays
-    elif state.base_queue:
-        defaults = [f"--queues={state.controller.conf.task_default_queue},{state.base_queue}"]
+    # without -Q the worker consumes every queue the app routes to (consumption.py)
     if not any(a.startswith(("-l", "--loglevel")) for a in [*argv, *defaults]):
         defaults.append(f"--loglevel={state.settings.log_level}")
     _run_celery(["worker", *defaults, *argv])
@@ -127,7 +126,7 @@ def worker(args: tuple[str, ...]) -> None:
 def beat(args: tuple[str, ...]) -> None:
     """Run beat with the schedules of @celery.schedule and beat_schedule."""
     state = _state()
-    log_dir = state.settings.log_dir or os.getcwd()
+    log_dir = state.log_dir
     make_private_dir(log_dir)
     defaults = [
         f"--loglevel={state.settings.log_level}",
@@ -283,7 +282,7 @@ def cluster() -> None:
     installed and enabled), streaming their logs. Ctrl-C or SIGTERM stops them all."""
     state = _state()
     services = state.services
-    log_dir = state.settings.log_dir or os.getcwd()
+    log_dir = state.log_dir
     sizes = _log_sizes(log_dir)
 
     def stop_signal(signum: int, frame: object) -> None:

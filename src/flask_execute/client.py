@@ -20,8 +20,6 @@ from collections.abc import Iterable
 from collections.abc import Mapping
 
 from celery import Task
-from kombu.exceptions import OperationalError
-from kombu.utils.url import maybe_sanitize_url
 
 from .capacity import Capacity
 from .celery_conf import CeleryApp
@@ -39,8 +37,11 @@ from .futures import Future
 from .message_fields import lineage
 from .options import check_options
 from .options import not_before
+from .outage import CONNECTION_ERRORS
+from .outage import Endpoints
 from .outcomes import Outcomes
 from .pool import FuturePool
+from .routing import Routes
 from .serialization import dump_call
 from .serialization import dump_calls
 from .serialization import function_label
@@ -48,7 +49,7 @@ from .serialization import sanitize
 from .waits import describe_wait
 from .watcher import Watcher
 
-__all__ = ["Client", "Prepared", "at_interpreter_exit", "safe_url"]
+__all__ = ["Client", "Prepared", "at_interpreter_exit"]
 
 R = t.TypeVar("R")
 _exiting = threading.Event()
@@ -69,11 +70,6 @@ def at_interpreter_exit(hook: Callable[[], None]) -> None:
 # submits would start local workers during shutdown, and its call would be lost)
 at_interpreter_exit(_exiting.set)
 Handler: t.TypeAlias = Future[t.Any] | Chunk
-
-
-def safe_url(url: str) -> str:
-    """A broker or backend URL without its password, for messages."""
-    return str(maybe_sanitize_url(url))
 
 
 @dataclasses.dataclass
@@ -111,8 +107,7 @@ class Client:
         settings: Settings,
         watcher: Callable[[], Watcher],
         start: Callable[[], None],
-        broker_url: str,
-        backend_url: str,
+        endpoints: Endpoints,
         app_context: Callable[[], t.ContextManager[object]],
         capacity: Capacity,
     ) -> None:
@@ -125,8 +120,9 @@ class Client:
         self.settings = settings
         self._watcher = watcher
         self._start = start
-        self.broker_url = broker_url
-        self.backend_url = backend_url
+        self.endpoints = endpoints
+        self.broker_url = endpoints.broker_url
+        self.backend_url = endpoints.backend_url
         #: run every call inline (CELERY_ALWAYS_EAGER, or the eager test fixture)
         self.eager = settings.always_eager
         self.pickling: dict[str, t.Any] = {
@@ -134,6 +130,7 @@ class Client:
             "by_value": settings.pickle_by_value,
         }
         self.eager_runs = EagerRuns(outcomes)
+        self.routes = Routes(celery_app.controller)
         self.capacity = capacity
         self.dependencies = Dependencies(self.controller, claims.ttl, self)
 
@@ -199,7 +196,7 @@ class Client:
         options = dict(options)
         task = self.dispatch_for(options)
         label = function_label(func)
-        queue = options.get("queue")
+        queue = self.routes.queue_of(task, options)
         sanitized = [sanitize(*c) for c in calls] if self.settings.sanitize_arguments else calls
         reply = None
         if not self.eager:
@@ -317,30 +314,23 @@ class Client:
                         producer=producer,
                         **options,
                     )
-        except (OperationalError, OSError) as exc:
+        except CONNECTION_ERRORS as exc:
             for task_id, _ in prepared.watched:
                 watcher.forget(task_id)
             if isinstance(exc, BrokerUnavailable):  # the result backend's (hold)
                 raise
-            raise BrokerUnavailable(
-                f"Cannot reach the Celery broker at {safe_url(self.broker_url)}: {exc}."
-                " Is it running? (CELERY_BROKER_URL)"
-            ) from exc
+            # kombu already retried the publish (CELERY_BROKER_TIMEOUT bounds it)
+            raise self.endpoints.unavailable("broker", exc) from exc
 
     def watcher(self) -> Watcher:
         """The running result watcher.
 
         :raises BrokerUnavailable: the result backend cannot be reached.
         """
-        try:
-            watcher = self._watcher()
-            watcher.ensure_running()
-            return watcher
-        except (ConnectionError, OSError) as exc:
-            raise BrokerUnavailable(
-                f"Cannot reach the result backend at {safe_url(self.backend_url)}: {exc}."
-                " Is it running? (CELERY_RESULT_BACKEND)"
-            ) from exc
+        watcher = self._watcher()
+        # ensure_running() waits (CELERY_BROKER_TIMEOUT) for its subscription: no retry
+        self.endpoints.call("backend", watcher.ensure_running, retry=False)
+        return watcher
 
     def dispatch_for(self, options: dict[str, t.Any]) -> Task:
         """Pick the dispatch task for these options (``acks_late`` is popped).
@@ -368,7 +358,8 @@ class Client:
         # the stored state (and claim) now, then whatever it publishes: a task that
         # finished and whose result is gone fails with ResultExpired (the watcher reads
         # the claim and the state in one round trip, so a task just starting never does)
-        self.watcher().watch(future.id, future, foreign=True)
+        watcher = self.watcher()
+        self.endpoints.call("backend", lambda: watcher.watch(future.id, future, foreign=True))
 
     def unfollow(self, future: Future[t.Any]) -> None:
         """Stop delivering states to ``future`` (nobody follows it any more)."""
@@ -380,13 +371,18 @@ class Client:
         stopped)."""
         if self.eager:
             return False
-        if not self.claims.cancel(future.id) and not terminate:
+        cancelled = self.endpoints.call("backend", lambda: self.claims.cancel(future.id))
+        if not cancelled and not terminate:
             return False  # a worker claimed it first: it started
         # a member of a chunk has no message of its own: its claim is all it takes,
         # unless it runs and is to be stopped (its chunk's process then stops too)
         message = future.id if future.chunk is None else future.chunk.task_id
         if future.chunk is None or terminate:
-            self.controller.control.revoke(message, terminate=terminate, signal="SIGTERM")
+            control = self.controller.control
+            self.endpoints.call(
+                "broker",
+                lambda: control.revoke(message, terminate=terminate, signal="SIGTERM"),
+            )
         if not terminate:
             self._watcher().release(future.id, future)  # settled here; nothing to wait for
         return True

@@ -162,7 +162,12 @@ KEYS: tuple[Key, ...] = (
         "Seconds to wait for local services to answer before raising",
     ),
     Key("CELERY_LOG_LEVEL", "INFO", log_level, "Log level of local services"),
-    Key("CELERY_LOG_DIR", None, path, "Directory of local services' logs (default: cwd)"),
+    Key(
+        "CELERY_LOG_DIR",
+        None,
+        path,
+        "Directory of local services' logs and beat's schedule (default: the instance folder)",
+    ),
     Key("CELERY_FLOWER", True, boolean, "Start Flower with the local workers when installed"),
     Key("CELERY_FLOWER_PORT", 5555, port, "Port of the local Flower"),
     Key("CELERY_FLOWER_ADDRESS", "127.0.0.1", non_empty_str, "Address the local Flower binds to"),

@@ -6,6 +6,8 @@ import inspect
 import typing as t
 from collections.abc import Callable
 
+from .outage import Endpoints
+
 __all__ = ["Control", "Inspect", "commands_help"]
 
 # keyword arguments every command takes from us, not shown per command
@@ -34,6 +36,11 @@ def commands_help(kind: str, celery_class: type, extra: str) -> str:
     return "\n".join(lines)
 
 
+def _endpoints(controller: t.Any) -> Endpoints:
+    conf = controller.conf
+    return Endpoints(str(conf.broker_url), str(conf.result_backend or conf.broker_url))
+
+
 class Inspect:
     """``celery.inspect.<command>(*args, timeout=1.0, destination=None)``.
 
@@ -41,9 +48,13 @@ class Inspect:
     (``{}`` when no worker answered within ``timeout`` seconds).
     """
 
-    def __init__(self, controller: t.Any, limit: int | None = None) -> None:
+    def __init__(
+        self, controller: t.Any, limit: int | None = None, endpoints: Endpoints | None = None
+    ) -> None:
         self._controller = controller
         self._limit = limit  # expected local workers: stop waiting once all replied
+        # errors of an unreachable broker become BrokerUnavailable naming it
+        self._endpoints = endpoints or _endpoints(controller)
 
     def help(self) -> str:
         """The inspect commands, their arguments and what each returns, one per line
@@ -72,7 +83,8 @@ class Inspect:
             inspect = self._controller.control.inspect(
                 timeout=timeout, destination=destination, limit=limit
             )
-            return getattr(inspect, command)(*args, **kwargs) or {}
+            action = getattr(inspect, command)
+            return self._endpoints.call("broker", lambda: action(*args, **kwargs)) or {}
 
         call.__name__ = command
         return call
@@ -88,9 +100,12 @@ class Control:
     replies as ``{node: reply}`` (``{}`` with ``reply=False``).
     """
 
-    def __init__(self, controller: t.Any, limit: int | None = None) -> None:
+    def __init__(
+        self, controller: t.Any, limit: int | None = None, endpoints: Endpoints | None = None
+    ) -> None:
         self._controller = controller
         self._limit = limit
+        self._endpoints = endpoints or _endpoints(controller)
 
     def help(self) -> str:
         """The remote-control commands, their arguments and what each does, one per
@@ -125,7 +140,12 @@ class Control:
                 reply = False  # a worker shutting down never answers
             if command != "ping":  # ping always asks for replies
                 kwargs["reply"] = reply
-            replies = method(*args, destination=destination, timeout=timeout, limit=limit, **kwargs)
+            replies = self._endpoints.call(
+                "broker",
+                lambda: method(
+                    *args, destination=destination, timeout=timeout, limit=limit, **kwargs
+                ),
+            )
             if not reply:
                 return {}
             merged: dict[str, t.Any] = {}

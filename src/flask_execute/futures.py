@@ -119,7 +119,7 @@ class Future(concurrent.futures.Future[T]):
 
     @property
     def queue(self) -> str | None:
-        """The queue the call was sent to, when given (None: the default queue)."""
+        """The queue the call was sent to (None for a future of ``celery.get()``)."""
         return self._queue
 
     def _fact(self, key: str) -> object:

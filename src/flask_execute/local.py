@@ -35,6 +35,7 @@ import functools
 import hashlib
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -43,6 +44,7 @@ import typing as t
 
 from . import bootfile
 from .config import Settings
+from .devserver import serving_with_reloader
 from .embedded import EmbeddedRedis
 from .embedded import redis_answers
 from .embedded import redis_binary
@@ -85,6 +87,10 @@ class ServiceHost(t.Protocol):
     settings: Settings
     broker_url: str
     embedded_broker: EmbeddedRedis | None
+
+    @property
+    def log_dir(self) -> str:
+        """Where the services log (and beat keeps its schedule file)."""
 
     @property
     def runtime_dir(self) -> str: ...
@@ -163,7 +169,7 @@ class LocalServices:
                 return
             self._stopping.clear()
             if not self._atexit:
-                atexit.register(self.stop)
+                atexit.register(self._at_exit)
                 self._atexit = True
             settings = self._state.settings
             deadline = time.monotonic() + settings.start_timeout
@@ -214,7 +220,7 @@ class LocalServices:
         read = self._lifeline_r
         env = _BootEnv(os.environ, self, state.boot_content())
         env.update({CHILD_ENV: "1", LIFELINE_FD_ENV: str(read), "PYTHONUNBUFFERED": "1"})
-        log_dir = settings.log_dir or os.getcwd()
+        log_dir = state.log_dir
         supervised: list[Supervised] = []
         for name in settings.workers:
             spawn_worker = functools.partial(self._spawn_worker, name, env, read, log_dir)
@@ -335,6 +341,31 @@ class LocalServices:
         with self._lock:
             self._stopping.set()
             self._stop_owned(timeout)
+            self._release_lock()
+            self._running = False
+
+    def _at_exit(self) -> None:
+        if serving_with_reloader() and self._redis is None:
+            self.release()  # a reload: the next generation must serve now
+        else:
+            self.stop()
+
+    def release(self) -> None:
+        """Let the services drain on their own and return at once: each gets SIGTERM
+        (a warm stop: running tasks finish), the lifeline closes (they stop cold
+        after its grace, 10 s), nothing is waited for, the lock is released."""
+        with self._lock:
+            self._stopping.set()
+            if self._supervisor is not None:
+                self._supervisor.stop()  # nothing is restarted
+            for child in self.children:
+                if child.alive():
+                    os.kill(child.pid, signal.SIGTERM)
+            self._children, self._supervisor = [], None
+            for fd in (self._lifeline_r, self._lifeline_w):
+                if fd is not None:
+                    os.close(fd)
+            self._lifeline_r = self._lifeline_w = None
             self._release_lock()
             self._running = False
 

@@ -86,6 +86,7 @@ class Celery:
         for entry in self.schedule.entries():
             apply_schedule(state, entry)
         app.cli.add_command(celery_cli)
+        state.start_in_dev_server()
 
     def runtimes(self) -> list[Runtime]:
         """The runtimes of every app this extension serves."""
@@ -217,6 +218,7 @@ class Celery:
     def start(self) -> None:
         """Start the local services now (normally done by the first ``submit``).
 
+        :raises BrokerUnavailable: the broker does not answer (nothing was started).
         :raises ServiceStartError: with the tail of the failing service's log.
         """
         self._get_state().start()
@@ -246,7 +248,7 @@ class Celery:
         """``celery.inspect.ping()`` / ``active()`` / ``stats()`` …, in process."""
         state = self._get_state()
         limit = len(state.settings.workers) if state.services.running else None
-        return Inspect(state.controller, limit or None)
+        return Inspect(state.controller, limit or None, state.endpoints)
 
     @property
     def control(self) -> Control:
@@ -254,4 +256,4 @@ class Celery:
         process, with replies."""
         state = self._get_state()
         limit = len(state.settings.workers) if state.services.running else None
-        return Control(state.controller, limit or None)
+        return Control(state.controller, limit or None, state.endpoints)

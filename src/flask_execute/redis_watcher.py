@@ -72,7 +72,7 @@ class RedisWatcher(Watcher):
                 raise ConnectionError(
                     "flask-execute could not subscribe to result notifications on the"
                     f" result backend: {self._error!r}"
-                )
+                ) from self._error
 
     def _stop_if_idle(self) -> bool:
         """After losing the connection: stop, when no future waits. Decided under the

@@ -24,19 +24,18 @@ import cloudpickle
 from celery import Task
 from celery.backends.redis import RedisBackend
 from flask import Flask
-from kombu.exceptions import OperationalError
 
 from . import celery_conf
 from . import config as config_module
+from . import consumption
+from . import devserver
 from . import redaction
 from . import rundir
 from .capacity import Capacity
 from .claims import Claims
 from .client import at_interpreter_exit
 from .client import Client
-from .client import safe_url
 from .envelopes import Codec
-from .errors import BrokerUnavailable
 from .keys import signing_keys
 from .leases import give_back
 from .leases import LeasedQoS
@@ -45,6 +44,8 @@ from .local import EmbeddedRedis
 from .local import LocalServices
 from .local import redis_answers
 from .locator import locate
+from .outage import Endpoints
+from .outage import safe_url
 from .outbox import drain_at_start
 from .outbox import Outbox
 from .outcomes import Outcomes
@@ -70,6 +71,10 @@ class Runtime:
         self.is_child = bool(os.environ.get(CHILD_ENV))
         self.embedded_broker: EmbeddedRedis | None = None
         self.broker_url, self.backend_url = self._urls()
+        #: how errors name the broker and the backend (:mod:`.outage`)
+        self.endpoints = Endpoints(
+            self.broker_url, self.backend_url, self.settings.result_backend is not None
+        )
         self.codec = Codec(
             *signing_keys(app, self.settings, lambda: self.runtime_dir),
             max_size=self.settings.max_message_size,
@@ -89,6 +94,8 @@ class Runtime:
         self.controller: celery_module.Celery = self.celery_app.controller
         # the result backend seals failures with this runtime's codec (backend.py)
         self.controller.flask_execute = self
+        # a worker run without -Q consumes the queues this app routes to
+        consumption.install()
         self.claims = Claims(
             self.controller, int(self.codec.max_age) + 60, self.settings.max_deliveries
         )
@@ -107,8 +114,7 @@ class Runtime:
             self.settings,
             lambda: self.watcher,
             self.ensure_started,
-            self.broker_url,
-            self.backend_url,
+            self.endpoints,
             app.app_context,
             Capacity(lambda: self.controller.backend),
         )
@@ -143,6 +149,12 @@ class Runtime:
     def base_queue(self) -> str | None:
         return self.celery_app.base_queue
 
+    @property
+    def log_dir(self) -> str:
+        """Where the local services log and beat keeps its schedule file:
+        ``CELERY_LOG_DIR``, else the app's instance folder (never the project's)."""
+        return self.settings.log_dir or self.app.instance_path
+
     @functools.cached_property
     def runtime_dir(self) -> str:
         """This app's private directory (:mod:`.rundir`), created and verified on first
@@ -160,7 +172,7 @@ class Runtime:
                 self.embedded_broker = EmbeddedRedis(
                     os.path.join(self.runtime_dir, "redis"),
                     unix_socket=os.path.join(self.runtime_dir, "redis.sock"),
-                    log_path=os.path.join(s.log_dir or os.getcwd(), "redis.log"),
+                    log_path=os.path.join(self.log_dir, "redis.log"),
                 )
                 broker = self.embedded_broker.url
             else:
@@ -229,6 +241,15 @@ class Runtime:
             options["queues"] = list(dict.fromkeys([default, self.base_queue]))
         return options
 
+    def start_in_dev_server(self) -> None:
+        """In the serving process of ``flask run --debug``: start the local services
+        as soon as the app is loaded when it has a schedule (beat runs it without
+        waiting for a first ``submit``)."""
+        s = self.settings
+        wanted = s.start_local_workers and s.scheduler and not self.eager and not self.is_child
+        if wanted and devserver.serving_with_reloader():
+            devserver.start_schedules(self.app.import_name, self.has_schedule, self.ensure_started)
+
     def has_schedule(self) -> bool:
         """Does beat have anything to run for this app?"""
         return bool(self.controller.conf.beat_schedule)
@@ -253,10 +274,34 @@ class Runtime:
             self._started = True
 
     def _start_services(self) -> None:
+        if self.embedded_broker is None:
+            self.check_broker()
+        owner = self.services.owner
         self.services.start()
+        if self.app.debug and self.services.owner and not owner:
+            devserver.announce(self.services.children, self.services.flower_url)
         if self.services.owner and not self._exit_hook:
             self._exit_hook = True
             at_interpreter_exit(self._finish_calls)
+
+    def check_broker(self) -> None:
+        """Connect to the broker once, within ``CELERY_BROKER_TIMEOUT``.
+
+        Local workers given a wrong broker URL would retry it until their start
+        timeout ran out (a ``ServiceStartError`` with kombu's retries in the log);
+        asked first, the caller gets what is wrong at once.
+
+        :raises BrokerUnavailable: the broker does not answer.
+        """
+        timeout = self.settings.broker_timeout
+
+        def reach() -> None:
+            with self.controller.connection_for_write() as connection:
+                connection.ensure_connection(
+                    max_retries=1, interval_start=0, interval_step=0, timeout=timeout
+                )
+
+        self.endpoints.call("broker", reach, retry=False)
 
     def _finish_calls(self) -> None:
         """At interpreter exit, before the local workers stop: wait (at most
@@ -264,6 +309,8 @@ class Runtime:
         ``concurrent.futures`` waits for its pending futures; say loudly what is left."""
         if not self.services.owner or self._watcher is None or self._watcher_pid != os.getpid():
             return
+        if devserver.serving_with_reloader():
+            return  # a reload: queued calls wait in the broker for the next generation
         watcher = self._watcher
         left = watcher.in_flight()
         if not left:
@@ -322,20 +369,20 @@ class Runtime:
 
     def status(self, timeout: float = 1.0) -> dict[str, str]:
         """``{"name@host": "OK"}`` for every worker answering a broadcast ping; returns
-        as soon as every expected local worker answered, else after ``timeout``."""
+        as soon as every expected local worker answered, else after ``timeout``.
+
+        :raises BrokerUnavailable: the broker cannot be reached (a connection left
+            stale by a broker restart is retried once first).
+        """
         expected = set(self.services.expected_nodes()) if self.services.running else set()
         deadline = time.monotonic() + timeout
         seen: dict[str, str] = {}
-        try:
-            while True:
-                # A worker that just started may miss one broadcast (its pidbox
-                # subscription is asynchronous): ask again until all answered.
-                left = deadline - time.monotonic()
-                wait = min(left, 0.3) if expected else left
-                seen.update(self.ping(timeout=max(wait, 0.01), limit=len(expected) or None))
-                if not expected or expected <= set(seen) or time.monotonic() >= deadline:
-                    return seen
-        except (OperationalError, OSError) as exc:
-            raise BrokerUnavailable(
-                f"Cannot reach the Celery broker at {safe_url(self.broker_url)}: {exc}."
-            ) from exc
+        while True:
+            # A worker that just started may miss one broadcast (its pidbox
+            # subscription is asynchronous): ask again until all answered.
+            left = deadline - time.monotonic()
+            wait = max(min(left, 0.3) if expected else left, 0.01)
+            ask = functools.partial(self.ping, wait, len(expected) or None)
+            seen.update(self.endpoints.call("broker", ask))
+            if not expected or expected <= set(seen) or time.monotonic() >= deadline:
+                return seen

@@ -11,8 +11,10 @@ Policy for dying children, written down before the loop:
   fatal.
 * Then it is restarted, with a backoff: the k-th restart in a row waits
   ``BACKOFF * 2 ** (k - 1)`` seconds (0.5, 1, 2, 4, 8). Each restart is logged at
-  WARNING with the exit code (or signal). A restarted worker must report ready within
-  ``CELERY_START_TIMEOUT`` or it counts as dying again (it is killed).
+  WARNING with the exit code (or signal). A restarted service that dies before it is
+  ready counts as dying again; one still starting after ``CELERY_START_TIMEOUT`` (a
+  worker restarted while the broker is down keeps retrying it) is left running and
+  counts only if it dies.
 * A service that stayed up :data:`STABLE_AFTER` seconds is healthy again: its count of
   restarts in a row starts over, so a worker killed once a day is always restarted.
 * After :data:`MAX_RESTARTS` restarts in a row it is given up: an ERROR with the tail of
@@ -33,7 +35,6 @@ import typing as t
 
 from .processes import Child
 from .processes import log_tail
-from .processes import terminate
 from .processes import wait_ready
 
 __all__ = ["BACKOFF", "CHECK_EVERY", "MAX_RESTARTS", "STABLE_AFTER", "Supervised", "Supervisor"]
@@ -151,9 +152,18 @@ class Supervisor:
         try:
             wait_ready([fresh], time.monotonic() + self.start_timeout, service.kind)
         except Exception as exc:
+            if fresh.alive():
+                # not ready but running: a worker restarted while the broker is down
+                # retries it (Celery's policy); killing it would spend the restarts
+                # on the outage and give the worker up. It counts only if it dies.
+                log.warning(
+                    "flask-execute: restarted %s %s is not ready after %g s (is the broker"
+                    " down? see %s); leaving it running",
+                    service.kind, service.name, self.start_timeout, fresh.log_path,
+                )  # fmt: skip
+                return
             log.warning("flask-execute: restarted %s did not start: %s", service.name, exc)
-            terminate([fresh], 1.0)  # counts as dying again, at the next check
-            return
+            return  # it died: counts as dying again, at the next check
         log.warning(
             "flask-execute: local %s %s is back (pid %d)", service.kind, service.name, fresh.pid
         )
