@@ -417,9 +417,12 @@ PLANS: dict[tuple[str, str], Plan] = {  # (page, the start of the block's first 
         why="the block continues the example above (its imports), as my_app/__init__.py;"
         " its `my_app.config` holds the SECRET_KEY"),
     ("README.md", "future = celery.submit(add, 1, y=2)"): Session(
+        config={"CELERY_WORKERS": {"worker1": {"queues": ["celery", "high-priority"]}}},
         defs="def fn(future):\n    print('done:', future.result())\n",
         in_task_from="from flask_execute import current_task",
-        why="`fn` is the reader's; the last two lines say 'inside a task': they run in one"),
+        why="`fn` is the reader's; the last two lines say 'inside a task': they run in one;"
+        " a worker consumes the queue the block sends to (else the script's exit waits"
+        " CELERY_EXIT_WAIT for that call)"),
     ("README.md", "celery.apply(notify"): Session(
         defs="def notify(user_id, queue):\n    return f'{user_id} via {queue}'\n",
         setup="user_id = 7", after="assert _.result(timeout=30) == '7 via email'"),
