@@ -347,8 +347,11 @@ def test_planted_signing_key_is_refused(machine, plant):
 
 @needs_root
 @pytest.mark.parametrize("plant", FILE_PLANTS)
-def test_planted_lock_file_is_refused(machine, plant, log_dir):
-    app = machine.app(SECRET_KEY="a key of our own", CELERY_LOG_DIR=log_dir)
+def test_planted_lock_file_is_refused(machine, plant, log_dir, broker_url):
+    # a broker that answers: the refusal is the lock's, not an unreachable broker's
+    app = machine.app(
+        SECRET_KEY="a key of our own", CELERY_LOG_DIR=log_dir, CELERY_BROKER_URL=broker_url
+    )
     celery = Celery(app)
     state = app.extensions["celery"].runtime(app)
     nodes = "|".join([state.broker_url, *sorted(state.services.expected_nodes())])
