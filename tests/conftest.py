@@ -236,6 +236,19 @@ def _describe(pids: set[int]) -> list[str]:
     return out
 
 
+@pytest.fixture
+def private_redis(tmp_path: t.Any) -> Iterator[EmbeddedRedis]:
+    """A Redis of the test's own, with an append-only file (queued messages survive
+    its restart), for tests that stop and start their broker. Some modules define their
+    own (other persistence settings)."""
+    server = EmbeddedRedis(str(tmp_path / "redis"), port=free_port(), appendonly=True)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 # --- the shared apps ----------------------------------------------------------------
 def _started(celery: object, app: object) -> Iterator[object]:
     with app.app_context():  # type: ignore[attr-defined]

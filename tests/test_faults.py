@@ -22,9 +22,7 @@ import uuid
 import pytest
 import redis
 
-from flask_execute.local import EmbeddedRedis
 from tests import faults
-from tests.conftest import free_port
 from tests.conftest import fresh_db_url
 
 pytestmark = pytest.mark.slow
@@ -38,16 +36,6 @@ def _rabbit_or_skip() -> None:
     reason = faults.rabbit_missing()
     if reason:
         pytest.skip(reason)
-
-
-@pytest.fixture
-def private_redis(tmp_path):
-    server = EmbeddedRedis(str(tmp_path / "redis"), port=free_port(), appendonly=True)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

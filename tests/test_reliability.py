@@ -118,16 +118,6 @@ def test_sigterm_lets_the_running_task_finish(broker_url, log_dir, tmp_path):
     assert len(lines(counter)) == 1
 
 
-@pytest.fixture
-def private_redis(tmp_path):
-    server = EmbeddedRedis(str(tmp_path / "redis"), port=free_port(), appendonly=True)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 def _restart(server):
     server.stop()
     server.start()
