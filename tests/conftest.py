@@ -249,6 +249,23 @@ def private_redis(tmp_path: t.Any) -> Iterator[EmbeddedRedis]:
         server.stop()
 
 
+def read_until(proc: t.Any, needle: str, timeout: float = 30) -> list[str]:
+    """Lines of ``proc``'s text stdout up to the first one containing ``needle``.
+
+    :raises AssertionError: not seen before EOF or ``timeout`` (with what was seen).
+    """
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if needle in line:
+            return lines
+    raise AssertionError(f"{needle!r} not seen:\n" + "".join(lines))
+
+
 # --- the shared apps ----------------------------------------------------------------
 def _started(celery: object, app: object) -> Iterator[object]:
     with app.app_context():  # type: ignore[attr-defined]

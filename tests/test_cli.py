@@ -12,6 +12,7 @@ import time
 import pytest
 
 from tests.conftest import descendants
+from tests.conftest import read_until
 from tests.conftest import wait_gone
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,26 +93,13 @@ def _write_app(modules, broker_url, log_dir, workers=None, extra=""):
     modules.write_factory_app("cliapp", config, extra)
 
 
-def _wait_for(proc, needle, timeout=30):
-    lines = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if needle in line:
-            return lines
-    raise AssertionError(f"{needle!r} not seen:\n" + "".join(lines))
-
-
 def test_worker_subprocess_with_options_from_config(tmp_path, tmp_modules, broker_url, log_dir):
     _write_app(tmp_modules, broker_url, log_dir,
                workers={"foo": {"concurrency": 1, "queues": ["special"]}})  # fmt: skip
     proc = _flask(["--app", "cliapp:create_app", "celery", "worker", "-n", "foo@%h"], tmp_path,
                   start_new_session=True)  # fmt: skip
     try:
-        _wait_for(proc, "ready.")
+        read_until(proc, "ready.")
         cliapp = tmp_modules.load("cliapp")
         app = cliapp.create_app()
         with app.app_context():
@@ -138,10 +126,10 @@ def test_cluster_streams_logs_and_stops_on_sigterm(tmp_path, tmp_modules, broker
                extra="\n@celery.schedule(2.0)\ndef tick():\n    return 1\n")  # fmt: skip
     proc = _flask(["--app", "cliapp:create_app", "celery", "cluster"], tmp_path)
     try:
-        lines = _wait_for(proc, "[cluster] running")
+        lines = read_until(proc, "[cluster] running")
         assert "c1, c2, beat" in lines[-1]
-        _wait_for(proc, "ready.")
-        _wait_for(proc, "Sending due task")  # beat's own log line, streamed
+        read_until(proc, "ready.")
+        read_until(proc, "Sending due task")  # beat's own log line, streamed
         children = descendants(proc.pid)
         assert len(children) >= 5  # 2 workers (+ pool children) and beat
         proc.send_signal(signal.SIGTERM)
@@ -182,7 +170,7 @@ def test_control_shutdown_is_not_an_error(tmp_path, tmp_modules, broker_url, log
     worker = _flask(["--app", "cliapp:create_app", "celery", "worker", "-n", "bye@%h",
                      "--pool=solo"], tmp_path)  # fmt: skip
     try:
-        _wait_for(worker, "ready.")
+        read_until(worker, "ready.")
         proc = _flask(["--app", "cliapp:create_app", "celery", "control", "shutdown"], tmp_path)
         out, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0, out
@@ -208,10 +196,10 @@ def test_flower_subprocess_asks_for_a_login(tmp_path, tmp_modules, broker_url, l
     proc = _flask(["--app", "cliapp:create_app", "celery", "flower"], tmp_path,
                   start_new_session=True)  # fmt: skip
     try:
-        lines = _wait_for(proc, "Flower login: ")
+        lines = read_until(proc, "Flower login: ")
         password = lines[-1].split("password ", 1)[1].split(" ", 1)[0]
         assert len(password) >= 20
-        lines += _wait_for(proc, "Visit me at")
+        lines += read_until(proc, "Visit me at")
         url = f"http://127.0.0.1:{port}"
         assert fetch(url + "/workers")[0] == 401
         assert fetch(url + "/workers", f"flower:{password}")[0] == 200
@@ -294,7 +282,7 @@ def test_cluster_waits_for_services_running_elsewhere(tmp_path, tmp_modules, bro
         cliapp.celery.start()  # this process holds the services of the app
         proc = _flask(["--app", "cliapp:create_app", "celery", "cluster"], tmp_path)
         try:
-            _wait_for(proc, "another process on this host already runs")
+            read_until(proc, "another process on this host already runs")
             time.sleep(1.0)
             assert proc.poll() is None  # it waits, as docs/cli.md says
             proc.send_signal(signal.SIGTERM)

@@ -9,12 +9,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from flask_execute import TaskTimeoutError
 from tests.apps.tasks import add
+from tests.conftest import read_until
 from tests.conftest import wait_gone
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,19 +32,6 @@ def _stock_worker(tmp_path, *args):
              "PYTHONPATH": os.pathsep.join([str(tmp_path), SRC, ROOT])},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )  # fmt: skip
-
-
-def _read_until(proc, needle, timeout=30):
-    lines = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if needle in line:
-            return "".join(lines)
-    raise AssertionError(f"{needle!r} not seen:\n" + "".join(lines))
 
 
 def _stop(procs):
@@ -78,11 +65,11 @@ def test_a_stock_worker_consumes_the_queues_the_app_routes_to(tmp_path, qapp):
     told = _stock_worker(tmp_path, "-n", "told@%h", "-Q", "bulk")
     procs = [anonymous, named, told]
     try:
-        banner = _read_until(anonymous, "ready.")
+        banner = "".join(read_until(anonymous, "ready."))
         assert "flask-execute: worker any@" in banner
         assert "consumes celery, high, low, bulk (every queue this app routes to" in banner
-        assert "flask-execute: worker lo@" in _read_until(named, "ready.")
-        assert "flask-execute:" not in _read_until(told, "ready.")
+        assert "flask-execute: worker lo@" in "".join(read_until(named, "ready."))
+        assert "flask-execute:" not in "".join(read_until(told, "ready."))
         host = os.uname().nodename
         with app.app_context():
             replies = module.celery.inspect.active_queues(timeout=2)

@@ -94,28 +94,36 @@ def _check_both(loads, counts, running_bound: int) -> None:
         _check(count, load.late, running_bound)
 
 
+def _outage_under_load(app, celery, loads, cut, restore, queued):
+    """Start the workers and the loads, cut the broker for OUTAGE seconds, restore it,
+    stop the loads and count; every worker still serves, and it is the same process."""
+    with app.app_context():
+        celery.start()
+        pids = [c.pid for c in app.extensions["celery"].runtime(app).services.children]
+        for load in loads:
+            load.start(rate=12)
+        time.sleep(2)
+        cut()
+        time.sleep(OUTAGE)
+        restore()
+        time.sleep(3)
+        for load in loads:
+            load.stop()
+        counts = _settle(loads, queued)
+        assert [c.pid for c in app.extensions["celery"].runtime(app).services.children] == pids
+        assert len(celery.status(timeout=5)) == 1
+    return counts
+
+
 # --- broker restart under load -----------------------------------------------------
 def test_redis_restart_under_load(private_redis, counter_url, log_dir):
     url = private_redis.url + "/0"
     app, celery = faults.make_app(url, url, log_dir, "rrestart")
     loads = _loads(celery, app, counter_url)
     try:
-        with app.app_context():
-            celery.start()
-            pids = [c.pid for c in app.extensions["celery"].runtime(app).services.children]
-            for load in loads:
-                load.start(rate=12)
-            time.sleep(2)
-            private_redis.stop()
-            time.sleep(OUTAGE)
-            private_redis.start()
-            time.sleep(3)
-            for load in loads:
-                load.stop()
-            counts = _settle(loads, lambda: _redis_queued(url))
-            # every worker still serves, and it is the same process
-            assert [c.pid for c in app.extensions["celery"].runtime(app).services.children] == pids
-            assert len(celery.status(timeout=5)) == 1
+        counts = _outage_under_load(
+            app, celery, loads, private_redis.stop, private_redis.start, lambda: _redis_queued(url)
+        )
     finally:
         for load in loads:
             load.stop()
@@ -134,21 +142,9 @@ def test_rabbitmq_outage_under_load(redis_url, counter_url, log_dir):
     app, celery = faults.make_app(url, fresh_db_url(redis_url), log_dir, "aoutage", **extra)
     loads = _loads(celery, app, counter_url)
     try:
-        with app.app_context():
-            celery.start()
-            pids = [c.pid for c in app.extensions["celery"].runtime(app).services.children]
-            for load in loads:
-                load.start(rate=12)
-            time.sleep(2)
-            proxy.cut()
-            time.sleep(OUTAGE)
-            proxy.restore()
-            time.sleep(3)
-            for load in loads:
-                load.stop()
-            counts = _settle(loads, lambda: _amqp_queued(app, queue))
-            assert [c.pid for c in app.extensions["celery"].runtime(app).services.children] == pids
-            assert len(celery.status(timeout=5)) == 1
+        counts = _outage_under_load(
+            app, celery, loads, proxy.cut, proxy.restore, lambda: _amqp_queued(app, queue)
+        )
     finally:
         for load in loads:
             load.stop()

@@ -16,23 +16,11 @@ from flask_execute import Celery
 from tests.apps import tasks
 from tests.conftest import keep_alive
 from tests.conftest import progress_seen
-
-AMQP_URL = os.environ.get("FLASK_EXECUTE_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672//")
-
-
-def _rabbit_reachable() -> str | None:
-    from kombu import Connection
-
-    try:
-        with Connection(AMQP_URL, connect_timeout=2) as conn:
-            conn.ensure_connection(max_retries=1)
-    except Exception as exc:
-        return f"no RabbitMQ at {AMQP_URL}: {exc}"
-    return None
-
+from tests.faults import AMQP_URL
+from tests.faults import rabbit_missing
 
 pytestmark = pytest.mark.skipif(
-    bool(_rabbit_reachable()), reason=_rabbit_reachable() or "RabbitMQ reachable"
+    bool(rabbit_missing()), reason=rabbit_missing() or "RabbitMQ reachable"
 )
 
 
