@@ -112,6 +112,7 @@ class Counts:
     refused: int = 0  # submit raised (broker down): never accepted
 
     def row(self, label: str) -> str:
+        """One row of the counts table under :data:`HEADER`."""
         return (
             f"| {label} | {self.accepted} | {self.once} | {self.twice} | {self.lost}"
             f" | {self.queued} | {self.refused} |"
@@ -168,15 +169,20 @@ class Load:
         if self._thread is not None:
             self._thread.join(30)
 
-    def settle(self, timeout: float, queued: t.Callable[[], int]) -> Counts:
-        """Wait (bounded) until every accepted call ran or nothing more moves; count."""
+    def settle(self, timeout: float, queued: t.Callable[[], int], still: float = 60.0) -> Counts:
+        """Wait until every accepted call ran, or nothing ran for ``still`` seconds (a
+        backlog that drains slowly keeps moving), or ``timeout``; count."""
         client = redis.Redis.from_url(self.counter_url)
         keys = [key for key, _ in self.futures]
         deadline = time.monotonic() + timeout
         runs: list[int] = []
+        ran, moved = -1, time.monotonic()
         while True:
             runs = [int(v or 0) for v in client.mget(keys)] if keys else []
-            if all(runs) or time.monotonic() > deadline:
+            now = time.monotonic()
+            if len(runs) - runs.count(0) != ran:
+                ran, moved = len(runs) - runs.count(0), now
+            if all(runs) or now > deadline or now - moved > still:
                 break
             time.sleep(0.5)
         time.sleep(1.0)  # a late duplicate would show now
@@ -191,6 +197,15 @@ class Load:
             queued=min(still, missing),
             refused=self.refused,
         )
+
+
+def redis_queued(url: str) -> int:
+    """Messages on the Redis broker ``url`` that no worker finished: on a queue, or
+    taken and not acknowledged."""
+    client = redis.Redis.from_url(url)
+    return sum(client.llen(k) for k in client.keys("celery*") if client.type(k) == b"list") + int(
+        client.hlen("unacked")
+    )
 
 
 def make_app(

@@ -12,6 +12,7 @@ and the documented guarantee is asserted exactly (docs/reliability.md):
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -41,13 +42,6 @@ def _rabbit_or_skip() -> None:
 @pytest.fixture
 def counter_url(redis_url):
     return fresh_db_url(redis_url)
-
-
-def _redis_queued(url: str) -> int:
-    client = redis.Redis.from_url(url)
-    return sum(client.llen(k) for k in client.keys("celery*") if client.type(k) == b"list") + int(
-        client.hlen("unacked")
-    )
 
 
 def _amqp_setup(tmp_name: str) -> tuple[str, dict[str, object]]:
@@ -121,8 +115,9 @@ def test_redis_restart_under_load(private_redis, counter_url, log_dir):
     app, celery = faults.make_app(url, url, log_dir, "rrestart")
     loads = _loads(celery, app, counter_url)
     try:
+        queued = functools.partial(faults.redis_queued, url)
         counts = _outage_under_load(
-            app, celery, loads, private_redis.stop, private_redis.start, lambda: _redis_queued(url)
+            app, celery, loads, private_redis.stop, private_redis.start, queued
         )
     finally:
         for load in loads:
@@ -177,7 +172,7 @@ def test_worker_kill_under_load(broker, private_redis, counter_url, redis_url, l
             time.sleep(1.5)
             for load in loads:
                 load.stop()
-            queued = (lambda: _redis_queued(url)) if queue is None else (
+            queued = (lambda: faults.redis_queued(url)) if queue is None else (
                 lambda: _amqp_queued(app, queue))  # fmt: skip
             counts = _settle(loads, queued)
     finally:

@@ -210,3 +210,36 @@ def test_a_call_stopped_by_a_cold_shutdown_fails_saying_so(broker_url, log_dir, 
     assert type(exc).__name__ == "WorkerLostError", repr(exc)
     assert f"The worker coldstop@{os.uname().nodename} was stopped (cold shutdown)" in str(exc)
     assert future.state == "FAILURE"
+
+
+def test_calls_prefetched_before_a_broker_restart_come_back_soon(private_redis, log_dir, tmp_path):
+    # found by `make soak`: a worker that reconnects after a Redis restart keeps its
+    # process id, so its old channel's prefetched messages (which it dropped and could
+    # not give back while the broker was down) stayed "held" by its live process and
+    # waited for the visibility timeout (300 s). Each channel now holds its own
+    # lease, which stops being renewed when the channel goes.
+    app, celery = make_app(private_redis.url + "/0", log_dir, "reconnect")
+    client = redis.Redis.from_url(private_redis.url + "/0")
+    mark, release = tmp_path / "mark", tmp_path / "release"
+    try:
+        with app.app_context():
+            celery.start()
+            (worker,) = celery.runtime(app).services.children
+            running = celery.submit(tasks.mark_and_wait, str(mark), str(release), 60)
+            wait_until(mark.exists, 20, "the first call to start")
+            queued = [celery.submit(tasks.add, i, i) for i in range(4)]
+            wait_until(lambda: client.hlen("unacked") == 4, 10, "4 prefetched calls")
+            private_redis.stop()
+            time.sleep(3)
+            private_redis.start()
+            release.touch()
+            started = time.monotonic()
+            assert running.result(timeout=30) == "released"
+            assert [f.result(timeout=70) for f in queued] == [0, 2, 4, 6]
+            assert time.monotonic() - started < 60  # the lease book, not the 300 s timeout
+            assert client.hlen("unacked") == 0
+            (same,) = celery.runtime(app).services.children
+            assert same.pid == worker.pid  # it reconnected; it was not restarted
+    finally:
+        release.touch()
+        celery.stop()

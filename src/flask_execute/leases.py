@@ -13,15 +13,21 @@ Here each stamp is a lease that the holder renews:
   still holds (:meth:`LeasedQoS.restore_visible`, before kombu's own sweep), so a
   message outlives the visibility timeout only when its worker stopped renewing:
   a visibility timeout of minutes is safe for tasks of any length;
-* each worker also records the messages it holds in a set of its own (named after its
-  host and process id, updated in the same transaction as kombu's hash), so that
-  whoever sees it die (the local-services supervisor) gives them back at once with
-  :func:`give_back`;
-* a message in kombu's hash that no worker's set holds is an orphan: a worker took it,
-  then lost its connection while giving it back (a broker restart does that to the
-  messages a worker had prefetched). Each scan puts back the orphans whose stamp is
-  older than :data:`ORPHAN_AFTER` (every holder renews its stamps more often than
-  that), instead of leaving them for the visibility timeout.
+* each consuming channel of a worker records the messages it holds in a set of its own
+  (named after its host, process id and a token of the channel, updated in the same
+  transaction as kombu's hash), and renews that set's entry in the broker-wide
+  *lease book* (a sorted set: holder -> time of its last renewal) on every scan, so
+  that whoever sees the worker die (the local-services supervisor) gives its messages
+  back at once with :func:`give_back`;
+* a message in kombu's hash that no *live* holder holds is an orphan: a worker took
+  it, then lost its connection while giving it back (a broker restart does that to
+  the messages a worker had prefetched; the worker reconnects on a new channel, with
+  the same process id, and its old channel's messages are held by nobody), or the
+  worker died where no supervisor saw it, or its supervisor could not reach the
+  broker to give them back. A holder is live while it renewed within
+  :data:`ORPHAN_AFTER` seconds (three scans). Each scan puts back the orphans whose
+  stamp is older than that, and forgets the holders that stopped renewing, instead of
+  leaving their messages for the visibility timeout.
 
 The lease is renewed by the worker's main process (its event loop), which a prefork or
 threads pool leaves free while tasks run. A worker whose main process runs the task
@@ -36,36 +42,47 @@ import os
 import socket
 import time
 import typing as t
+import uuid
 
 from kombu.transport import redis
 from kombu.utils.json import dumps
 
-__all__ = ["ORPHAN_AFTER", "LeasedQoS", "give_back", "holders_key", "owner_key"]
+__all__ = ["ORPHAN_AFTER", "LeasedQoS", "give_back", "lease_book_key", "owner_key"]
 
 log = logging.getLogger(__name__)
 
 
-#: seconds after which an unacknowledged message that no worker holds is put back
-#: (three restore intervals: a holder renews its stamp on every one)
+#: seconds after which an unacknowledged message that no live holder holds is put
+#: back, and after which a holder that did not renew is no longer live (three restore
+#: intervals: a holder renews on every one)
 ORPHAN_AFTER = 30.0
 
 
-def owner_key(unacked_key: str, host: str, pid: int) -> str:
-    """The set of delivery tags held by the worker process ``pid`` on ``host``."""
-    return f"{unacked_key}:held:{host}:{pid}"
+def owner_key(unacked_key: str, host: str, pid: int, token: str = "") -> str:
+    """The set of delivery tags held by one channel (``token``) of the worker process
+    ``pid`` on ``host``; without ``token``, the prefix shared by all its channels."""
+    return f"{unacked_key}:held:{host}:{pid}:{token}"
 
 
-def holders_key(unacked_key: str) -> str:
-    """The set of every worker's :func:`owner_key` (some may have expired)."""
-    return f"{unacked_key}:holders"
+def lease_book_key(unacked_key: str) -> str:
+    """The sorted set of every holder's :func:`owner_key`, scored by the time it last
+    renewed its leases."""
+    return f"{unacked_key}:leases"
 
 
 class LeasedQoS(redis.QoS):
     """kombu's Redis QoS, whose held messages are leases renewed by their holder."""
 
+    def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        # one holder per channel: after a reconnect the same process holds a new set,
+        # and the old channel's messages (which it can no longer acknowledge) are
+        # orphans once the old holder stops being renewed
+        self._token = uuid.uuid4().hex[:12]
+
     @property
     def held_key(self) -> str:
-        return owner_key(self.channel.unacked_key, socket.gethostname(), os.getpid())
+        return owner_key(self.channel.unacked_key, socket.gethostname(), os.getpid(), self._token)
 
     def _held_ttl(self) -> int:
         # a set nobody renews (its worker died unsupervised) goes away by itself
@@ -81,8 +98,8 @@ class LeasedQoS(redis.QoS):
                 self.unacked_key,
                 delivery_tag,
                 dumps([message._raw, exchange, routing_key]),  # type: ignore[no-untyped-call]
-            ).sadd(self.held_key, delivery_tag).expire(self.held_key, self._held_ttl()).sadd(
-                holders_key(self.channel.unacked_key), self.held_key
+            ).sadd(self.held_key, delivery_tag).expire(self.held_key, self._held_ttl()).zadd(
+                lease_book_key(self.channel.unacked_key), {self.held_key: time.time()}
             ).execute()
             # kombu's virtual QoS keeps it in memory too (skipping redis.QoS.append)
             super(redis.QoS, self).append(message, delivery_tag)  # type: ignore[no-untyped-call]
@@ -98,29 +115,33 @@ class LeasedQoS(redis.QoS):
         if tags:
             with self.channel.conn_or_acquire() as client:
                 now = time.time()
+                pipe = client.pipeline(transaction=False)
                 # XX: only re-stamp what is still unacknowledged (never re-add an ack)
-                client.zadd(self.unacked_index_key, dict.fromkeys(tags, now), xx=True)
-                client.expire(self.held_key, self._held_ttl())
+                pipe.zadd(self.unacked_index_key, dict.fromkeys(tags, now), xx=True)
+                pipe.expire(self.held_key, self._held_ttl())
+                pipe.zadd(lease_book_key(self.channel.unacked_key), {self.held_key: now})
+                pipe.execute()
         self.restore_orphans()
         super().restore_visible(*args, **kwargs)  # type: ignore[no-untyped-call]
 
     def restore_orphans(self, older_than: float = ORPHAN_AFTER) -> int:
         """Put back (at the head of their queues) the unacknowledged messages stamped
-        more than ``older_than`` seconds ago that no worker holds; return how many."""
+        more than ``older_than`` seconds ago that no live holder holds, and forget the
+        holders that did not renew for that long; return how many were put back."""
         with self.channel.conn_or_acquire() as client:
-            stale = client.zrangebyscore(
-                self.unacked_index_key, 0, time.time() - older_than, start=0, num=1000
-            )
+            ceiling = time.time() - older_than
+            stale = client.zrangebyscore(self.unacked_index_key, 0, ceiling, start=0, num=1000)
             if not stale:
                 return 0  # the usual case: one round trip per scan
-            holders = holders_key(self.channel.unacked_key)
+            book = lease_book_key(self.channel.unacked_key)
+            for key in client.zrangebyscore(book, 0, ceiling):
+                # a holder that stopped renewing: its worker died or reconnected (a
+                # message stamped after its last renewal is not in its set)
+                client.delete(key)
+                client.zrem(book, key)
             held: set[bytes] = set()
-            for key in client.smembers(holders):
-                members = client.smembers(key)
-                if members:
-                    held |= members
-                else:  # expired: its worker is gone
-                    client.srem(holders, key)
+            for key in client.zrangebyscore(book, ceiling, "+inf"):
+                held |= client.smembers(key)
             orphans = [tag for tag in stale if tag not in held]
             for tag in orphans:
                 self.restore_by_tag(tag.decode(), client, leftmost=True)  # type: ignore[no-untyped-call]
@@ -135,12 +156,21 @@ class LeasedQoS(redis.QoS):
 def give_back(channel: t.Any, host: str, pid: int) -> int:
     """Put every message held by the (dead) worker process ``pid`` on ``host`` back at
     the head of its queue, at once; return how many. ``channel`` is a Redis channel of
-    the same broker (``connection.default_channel``). Safe to call twice."""
-    key = owner_key(channel.unacked_key, host, pid)
+    the same broker (``connection.default_channel``). Safe to call twice. When the
+    broker cannot be reached, the messages come back anyway: as orphans, once its
+    holders stop being renewed (:data:`ORPHAN_AFTER`)."""
+    book = lease_book_key(channel.unacked_key)
+    prefix = owner_key(channel.unacked_key, host, pid).encode()
     qos = channel.qos
+    count = 0
     with channel.conn_or_acquire() as client:
-        tags = [tag.decode() if isinstance(tag, bytes) else tag for tag in client.smembers(key)]
-        for tag in tags:
-            qos.restore_by_tag(tag, client, leftmost=True)
-        client.delete(key)
-    return len(tags)
+        for key in client.zrange(book, 0, -1):
+            if not key.startswith(prefix):
+                continue
+            tags = [tag.decode() for tag in client.smembers(key)]
+            for tag in tags:
+                qos.restore_by_tag(tag, client, leftmost=True)
+            client.delete(key)
+            client.zrem(book, key)
+            count += len(tags)
+    return count

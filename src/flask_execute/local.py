@@ -51,6 +51,9 @@ from .embedded import redis_binary
 from .errors import ServiceStartError
 from .flower import flower_installed
 from .flower import spawn_flower
+from .leases import ORPHAN_AFTER
+from .outage import CONNECTION_ERRORS
+from .outage import reason
 from .processes import Child
 from .processes import log_tail
 from .processes import spawn
@@ -255,8 +258,17 @@ class LocalServices:
         return spawn(name, argv, log_path, env=env, pass_fds=(read,), ready=True)
 
     def _give_back(self, child: Child) -> None:
-        """A worker died: its unacknowledged messages go back to their queues now."""
-        count = self._state.give_back(child.pid)
+        """A worker died: its unacknowledged messages go back to their queues now (or,
+        when the broker cannot be reached, once their leases lapse)."""
+        try:
+            count = self._state.give_back(child.pid)
+        except CONNECTION_ERRORS as exc:
+            log.warning(
+                "flask-execute: could not give the messages held by the dead worker %s back"
+                " (broker unreachable: %s); they come back within %g s of its return",
+                child.name, reason(exc), ORPHAN_AFTER + 10,
+            )  # fmt: skip
+            return
         if count:
             log.warning(
                 "flask-execute: gave %d message(s) held by the dead worker %s back to the broker",
