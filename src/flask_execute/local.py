@@ -22,9 +22,9 @@ Policy for children, written down before the code:
   the timeout SIGQUIT, then SIGKILL to the whole process group; every child is reaped.
   Stop is idempotent; start works again after it.
 * One set per host: an ``flock`` on a lock file in the private runtime directory
-  (:mod:`.rundir`). The process
-  holding it starts the services; other processes of the same app (gunicorn -w 4) wait
-  for the workers to answer and take over if the holder dies.
+  (:mod:`.rundir`). The process holding it starts the services; other processes of
+  the same app (gunicorn -w 4) wait for the workers to answer and take over if the
+  holder dies.
 """
 
 from __future__ import annotations
@@ -51,9 +51,6 @@ from .embedded import redis_binary
 from .errors import ServiceStartError
 from .flower import flower_installed
 from .flower import spawn_flower
-from .leases import ORPHAN_AFTER
-from .outage import CONNECTION_ERRORS
-from .outage import reason
 from .processes import Child
 from .processes import log_tail
 from .processes import spawn
@@ -110,9 +107,9 @@ class ServiceHost(t.Protocol):
     def ping(self, timeout: float = 1.0, limit: int | None = None) -> dict[str, str]:
         """``{node: "OK"}`` of the workers answering a broadcast ping."""
 
-    def give_back(self, pid: int) -> int:
-        """Give the unacknowledged messages of the dead worker ``pid`` back to the
-        broker; return how many it held."""
+    def give_back(self, pid: int, name: str) -> int:
+        """Give the unacknowledged messages of the dead worker ``name`` (process
+        ``pid``) back to the broker, and log it; return how many it held."""
 
 
 class LocalServices:
@@ -258,23 +255,8 @@ class LocalServices:
         return spawn(name, argv, log_path, env=env, pass_fds=(read,), ready=True)
 
     def _give_back(self, child: Child) -> None:
-        """A worker died: its unacknowledged messages go back to their queues now (or,
-        when the broker cannot be reached, once their leases lapse)."""
-        try:
-            count = self._state.give_back(child.pid)
-        except CONNECTION_ERRORS as exc:
-            log.warning(
-                "flask-execute: could not give the messages held by the dead worker %s back"
-                " (broker unreachable: %s); they come back within %g s of its return",
-                child.name, reason(exc), ORPHAN_AFTER + 10,
-            )  # fmt: skip
-            return
-        if count:
-            log.warning(
-                "flask-execute: gave %d message(s) held by the dead worker %s back to the broker",
-                count,
-                child.name,
-            )
+        """A dead worker's messages go back now (broker down: once their leases lapse)."""
+        self._state.give_back(child.pid, child.name)
 
     def _spawn_beat(self, env: dict[str, str], read: int, log_dir: str) -> Child:
         """One beat per host (we hold the services lock); its schedule file lives in

@@ -39,12 +39,15 @@ from .envelopes import Codec
 from .keys import signing_keys
 from .leases import give_back
 from .leases import LeasedQoS
+from .leases import ORPHAN_AFTER
 from .local import CHILD_ENV
 from .local import EmbeddedRedis
 from .local import LocalServices
 from .local import redis_answers
 from .locator import locate
+from .outage import CONNECTION_ERRORS
 from .outage import Endpoints
+from .outage import reason
 from .outage import safe_url
 from .outbox import drain_at_start
 from .outbox import Outbox
@@ -357,15 +360,31 @@ class Runtime:
                 out[name] = "OK" if ok else str(answer)
         return out
 
-    def give_back(self, pid: int) -> int:
-        """Give the messages held by the dead local worker ``pid`` back to their
-        queues at once (Redis; RabbitMQ does it by itself when the connection drops);
-        return how many it held."""
-        with self.controller.connection_for_write() as connection:
-            channel = connection.default_channel
-            if not isinstance(channel.qos, LeasedQoS):
-                return 0
-            return give_back(channel, socket.gethostname(), pid)
+    def give_back(self, pid: int, name: str) -> int:
+        """Give the messages held by the dead local worker ``name`` (process ``pid``)
+        back to their queues at once (Redis; RabbitMQ does it by itself when the
+        connection drops), and log it; return how many it held. With the broker
+        unreachable, say so and return 0: they come back as orphans once its leases
+        lapse (:data:`~flask_execute.leases.ORPHAN_AFTER`)."""
+        try:
+            with self.controller.connection_for_write() as connection:
+                channel = connection.default_channel
+                if not isinstance(channel.qos, LeasedQoS):
+                    return 0
+                count = give_back(channel, socket.gethostname(), pid)
+        except CONNECTION_ERRORS as exc:
+            log.warning(
+                "flask-execute: could not give the messages held by the dead worker %s back"
+                " (broker unreachable: %s); they come back within %g s of its return",
+                name, reason(exc), ORPHAN_AFTER + 10,
+            )  # fmt: skip
+            return 0
+        if count:
+            log.warning(
+                "flask-execute: gave %d message(s) held by the dead worker %s back to the broker",
+                count, name,
+            )  # fmt: skip
+        return count
 
     def status(self, timeout: float = 1.0) -> dict[str, str]:
         """``{"name@host": "OK"}`` for every worker answering a broadcast ping; returns
