@@ -1,14 +1,24 @@
 """The calls of a ``map`` chunk on a worker: one broker message, many calls, each with its
-own task id, claim and outcome, streamed as each call finishes.
+own task id, claim and outcome, streamed as each run of calls finishes.
 
 A chunk's payload is ``(function, [(member task id, args, kwargs), ...])``, all of it
-inside the chunk's signed envelope. The worker runs the members one after the other.
-Before a member runs it claims the member's own task id (so ``cancel()`` of a member
-that has not started wins, exactly), and stores and publishes its ``STARTED`` state;
-the outcomes of the members finished since are stored, published and their claims
-marked ``done`` in that same round trip (:data:`_ADVANCE`): one Redis call per member,
-and each finished member reaches the caller no later than the next one starts. The
-reply channel gets one message per round trip, with every state in it.
+inside the chunk's signed envelope. The worker runs the members one after the other,
+in *runs*: before a run starts, the worker claims each of its members' own task ids
+(so ``cancel()`` of a member whose run has not been claimed wins, exactly) and stores
+the outcomes of the previous run, marks their claims ``done`` and publishes them, all
+in one Redis round trip (:data:`_ADVANCE`). The reply channel gets one message per
+round trip, with every state in it.
+
+A run is sized by time: as many members as the chunk's calls so far suggest will take
+about :data:`RUN_BUDGET` seconds, at least one, at most :data:`MAX_RUN`. A chunk's
+first member runs alone, and so does every member of a chunk whose calls take longer
+than the budget: for them the worker stores ``STARTED`` when it claims the member,
+``running()`` is true while it runs and its outcome reaches the caller before the next
+member starts. Calls shorter than that share a round trip: their ``STARTED`` is not
+stored (they go from pending to their outcome within the run), and a member's
+``cancel()`` returns False once its run is claimed, as a ``ProcessPoolExecutor`` call
+cannot be cancelled once it is in its call queue. Without runs each call of a large
+``map`` would cost one round trip; with them, a chunk of trivial calls costs a few.
 
 A redelivered at-least-once chunk skips the members that finished (their claim says
 ``done``) and runs the others again. ``current_task.retry()`` inside a chunk fails that
@@ -18,6 +28,7 @@ member: a chunk has no way to run one member again later.
 from __future__ import annotations
 
 import os
+import time
 import typing as t
 from collections.abc import Callable
 
@@ -35,27 +46,33 @@ from .running import portable
 from .running import Worker
 from .serialization import dumps
 
-__all__ = ["run_chunk"]
+__all__ = ["MAX_RUN", "RUN_BUDGET", "run_chunk", "run_size"]
+
+#: seconds of calls a run of members is sized for (see the module's docstring)
+RUN_BUDGET = 0.002
+#: most members claimed in one round trip
+MAX_RUN = 64
 
 Member = tuple[str, tuple[t.Any, ...], dict[str, t.Any]]
 
-# Store the finished members' states (KEYS[3..]: state key, claim key pairs; ARGV[7..]
-# their encoded states), then claim the next member (KEYS[1] its claim key, KEYS[2] its
-# state key) and store its STARTED state (ARGV[2]). ARGV[1] claim ttl, ARGV[3] state
-# expiry (0: none), ARGV[4] reply channel ('' if none), ARGV[5] '1' when there is a
-# next member, ARGV[6] the app's outbox ('' for none). Publishes every state on its
-# key, and all of them in one message (a JSON array) on the reply channel; releases the
-# calls waiting for a finished member (outbox.py). Returns 1 when the next member was
-# claimed here, else its claim (or 0 without a next member), then the released calls
-# taken from the outbox, to publish.
+# Store the finished members' states (KEYS[2k+1..]: state key, claim key pairs;
+# ARGV[7..] their encoded states), then claim the next run of k = ARGV[5] members
+# (KEYS[2j-1] member j's claim key, KEYS[2j] its state key); with ARGV[2] not empty
+# (a run of one), store it as that member's STARTED state. ARGV[1] claim ttl, ARGV[3]
+# state expiry (0: none), ARGV[4] reply channel ('' if none), ARGV[6] the app's outbox
+# ('' for none). Publishes every state on its key, and all of them in one message (a
+# JSON array) on the reply channel; releases the calls waiting for a finished member
+# (outbox.py). Returns, for each member of the run, 1 when it was claimed here, else
+# its claim (0 for none), then the released calls taken from the outbox, to publish.
 _ADVANCE = (
     RELEASE
     + """
 local parts = {}
 local released = 0
-local n = (#KEYS - 2) / 2
+local k = tonumber(ARGV[5])
+local n = (#KEYS - 2 * k) / 2
 for i = 1, n do
-    local key, claim_key, value = KEYS[2 + 2 * i - 1], KEYS[2 + 2 * i], ARGV[6 + i]
+    local key, claim_key, value = KEYS[2 * k + 2 * i - 1], KEYS[2 * k + 2 * i], ARGV[6 + i]
     if tonumber(ARGV[3]) > 0 then
         redis.call('setex', key, ARGV[3], value)
     else
@@ -69,30 +86,42 @@ for i = 1, n do
     released = released + fe_release(claim_key, value, ARGV[6])
     parts[#parts + 1] = value
 end
-local result = 0
-if ARGV[5] == '1' then
-    if redis.call('set', KEYS[1], 'run', 'NX', 'EX', ARGV[1]) then
-        if tonumber(ARGV[3]) > 0 then
-            redis.call('setex', KEYS[2], ARGV[3], ARGV[2])
-        else
-            redis.call('set', KEYS[2], ARGV[2])
+local results = {}
+for j = 1, k do
+    if redis.call('set', KEYS[2 * j - 1], 'run', 'NX', 'EX', ARGV[1]) then
+        if ARGV[2] ~= '' then
+            if tonumber(ARGV[3]) > 0 then
+                redis.call('setex', KEYS[2 * j], ARGV[3], ARGV[2])
+            else
+                redis.call('set', KEYS[2 * j], ARGV[2])
+            end
+            redis.call('publish', KEYS[2 * j], ARGV[2])
+            parts[#parts + 1] = ARGV[2]
         end
-        redis.call('publish', KEYS[2], ARGV[2])
-        parts[#parts + 1] = ARGV[2]
-        result = 1
+        results[j] = 1
     else
-        result = redis.call('get', KEYS[1])
+        results[j] = redis.call('get', KEYS[2 * j - 1]) or 0
     end
 end
 if ARGV[4] ~= '' and #parts > 0 then
     redis.call('publish', ARGV[4], '[' .. table.concat(parts, ',') .. ']')
 end
-local out = {}
-if released > 0 then out = fe_take(ARGV[6]) end
-table.insert(out, 1, result)
-return out
+if released > 0 then
+    for _, call in ipairs(fe_take(ARGV[6])) do results[#results + 1] = call end
+end
+return results
 """
 )
+
+
+def run_size(seconds_per_call: float | None, left: int) -> int:
+    """How many of the ``left`` members to claim as the next run, given the average
+    time of the chunk's calls so far (None: none ran yet)."""
+    if left <= 0:
+        return 0
+    if seconds_per_call is None or seconds_per_call >= RUN_BUDGET:
+        return 1
+    return max(1, min(left, MAX_RUN, int(RUN_BUDGET / max(seconds_per_call, 1e-6))))
 
 
 def run_chunk(
@@ -122,11 +151,25 @@ def run_chunk(
             return _sealed(worker, tid, STREAMED)
         return _sealed(worker, tid, outcomes)
     stream = _Stream(task, worker, late)
-    for index, (mid, args, kwargs) in enumerate(members):
-        if not stream.claim(mid):
-            continue
-        outcome = portable(label, _member_outcome(func, args, kwargs))
-        stream.finished(mid, outcome, last=index == len(members) - 1)
+    average: float | None = None  # seconds per call so far, each with its sealing
+    ran = 0
+    index = 0
+    while index < len(members):
+        run = members[index : index + run_size(average, len(members) - index)]
+        index += len(run)
+        run_began = time.perf_counter()
+        for (mid, args, kwargs), claimed in zip(
+            run, stream.claim([m[0] for m in run]), strict=True
+        ):
+            if not claimed:
+                continue
+            began = time.perf_counter()
+            stream.finished(mid, portable(label, _member_outcome(func, args, kwargs)))
+            took = time.perf_counter() - began
+            ran += 1
+            average = took if average is None else average + (took - average) / min(ran, 8)
+            if began + took - run_began > 4 * RUN_BUDGET:
+                stream.flush()  # a call slower than foreseen: what finished goes out now
     stream.flush()
     return _sealed(worker, tid, STREAMED)
 
@@ -190,64 +233,71 @@ class _Stream:
         )
         return t.cast("bytes | str", self._backend.encode({**meta, "task_id": mid}))
 
-    def _advance(self, next_mid: str | None, started: bytes | str = "") -> object:
-        # without a next member, its two keys are placeholders the script never reads
-        keys = [claim_key(next_mid), self._key(next_mid)] if next_mid else ["-", "-"]
+    def _advance(self, run: list[str], started: bytes | str = "") -> list[object]:
+        keys: list[str] = []
+        for mid in run:
+            keys += [claim_key(mid), self._key(mid)]
         values: list[bytes | str] = []
         for mid, encoded in self._done:
             keys += [self._key(mid), claim_key(mid)]
             values.append(encoded)
         self._done = []
         outbox = self._worker.outbox
-        value, *taken = self._script(
+        replies = self._script(
             keys,
             [
                 self._worker.claims.ttl,
                 started,
                 int(self._backend.expires or 0),
                 self._reply,
-                "1" if next_mid else "0",
+                len(run),
                 outbox.key if outbox is not None else "",
                 *values,
             ],
         )
+        claims, taken = replies[: len(run)], replies[len(run) :]
         if taken and outbox is not None:
             outbox.publish(self._backend.client, taken)
-        return value
+        return list(claims)
 
     def _key(self, mid: str) -> str:
         return t.cast(str, self._backend.get_key_for_task(mid))
 
-    def claim(self, mid: str) -> bool:
-        """Claim member ``mid`` (storing what finished before it): whether it runs."""
-        request = self._task.request
-        started = self._encode(
-            mid,
-            states.STARTED,
-            {"pid": os.getpid(), "hostname": request.hostname, "retries": 0},
-            None,
-        )
-        value = self._advance(mid, started)
-        if value == 1:
+    def claim(self, run: list[str]) -> list[bool]:
+        """Claim the members of ``run`` (storing what finished before them): whether
+        each runs. A run of one also stores that member's ``STARTED`` state."""
+        started: bytes | str = ""
+        if len(run) == 1:
+            request = self._task.request
+            started = self._encode(
+                run[0],
+                states.STARTED,
+                {"pid": os.getpid(), "hostname": request.hostname, "retries": 0},
+                None,
+            )
+        claims = self._advance(run, started)
+        return [self._runs(mid, value) for mid, value in zip(run, claims, strict=True)]
+
+    def _runs(self, mid: str, claim: object) -> bool:
+        if claim == 1:
             return True
-        if value == b"cancelled":
+        if claim == b"cancelled":
             # the caller cancelled it first: it never runs; say so to other readers
             revoked = TaskRevokedError("cancelled")
             self._done.append((mid, self._encode(mid, states.REVOKED, revoked, None)))
             return False
-        if value == b"done" or not self._late:
+        if claim == b"done" or not self._late:
             return False  # finished already (a redelivery), or a replay
         # at-least-once redelivery: run again unless its outcome was stored
         meta = self._backend.get_task_meta(mid)
         return meta.get("status") not in states.READY_STATES
 
-    def finished(self, mid: str, outcome: tuple[bool, object], last: bool) -> None:
+    def finished(self, mid: str, outcome: tuple[bool, object]) -> None:
+        """Member ``mid`` ended with ``outcome``: stored with the next round trip."""
         state, result, tb_text = _member_state(self._worker, mid, outcome)
         self._done.append((mid, self._encode(mid, state, result, tb_text or None)))
-        if last:
-            self.flush()
 
     def flush(self) -> None:
         """Store and publish what finished and has not been yet."""
         if self._done:
-            self._advance(None)
+            self._advance([])
