@@ -11,6 +11,7 @@ class implements.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import threading
 import typing as t
@@ -21,6 +22,7 @@ from collections.abc import Mapping
 
 from celery import Task
 
+from .bulk import collection_paused
 from .capacity import Capacity
 from .celery_conf import CeleryApp
 from .claims import Claims
@@ -163,17 +165,19 @@ class Client:
         the queue's workers (:mod:`flask_execute.capacity`)."""
         if chunksize is not None and (not isinstance(chunksize, int) or chunksize < 1):
             raise ValueError(f"chunksize must be a positive integer; got {chunksize!r}.")
-        queue = options.get("queue") or self.controller.conf.task_default_queue
-        constant = dict(kwargs or {})
-        prepared_calls = [
-            (tuple(call) if isinstance(call, (tuple, list)) else (call,), dict(constant))
-            for call in calls
-        ]
-        if chunksize is None:  # one message per call when futures are arguments
-            waits = self.eager or self.dependencies.among(prepared_calls)
-            chunksize = 1 if waits else self.capacity.chunksize(len(prepared_calls), queue)
-        prepared = self.prepare(func, prepared_calls, options, chunksize)
-        self.send(prepared)
+        # many new objects that all live on (eager runs the calls here: collector on)
+        with contextlib.nullcontext() if self.eager else collection_paused():
+            queue = options.get("queue") or self.controller.conf.task_default_queue
+            constant = dict(kwargs or {})
+            prepared_calls = [
+                (tuple(call) if isinstance(call, (tuple, list)) else (call,), dict(constant))
+                for call in calls
+            ]
+            if chunksize is None:  # one message per call when futures are arguments
+                waits = self.eager or self.dependencies.among(prepared_calls)
+                chunksize = 1 if waits else self.capacity.chunksize(len(prepared_calls), queue)
+            prepared = self.prepare(func, prepared_calls, options, chunksize)
+            self.send(prepared)
         return FuturePool(t.cast(list[Future[R]], prepared.futures))
 
     def prepare(
