@@ -176,6 +176,8 @@ class Client:
             if chunksize is None:  # one message per call when futures are arguments
                 waits = self.eager or self.dependencies.among(prepared_calls)
                 chunksize = 1 if waits else self.capacity.chunksize(len(prepared_calls), queue)
+            elif chunksize > 1:
+                self.dependencies.refuse(prepared_calls, chunksize)
             prepared = self.prepare(func, prepared_calls, options, chunksize)
             self.send(prepared)
         return FuturePool(t.cast(list[Future[R]], prepared.futures))
@@ -227,7 +229,6 @@ class Client:
                 )
                 prepared.add(task_id, envelope, future)
                 continue
-            self.dependencies.refuse(batch, chunksize)
             chunk = Chunk(task_id)
             members = [(str(uuid.uuid4()), args, kwargs) for args, kwargs in batch]
             payload, by_value = dump_calls(func, members, **self.pickling)
@@ -298,8 +299,7 @@ class Client:
         task = task or self.celery_app.dispatch
         items = prepared.items
         watcher = self.watcher()
-        for task_id, handler in prepared.watched:
-            watcher.watch(task_id, handler)
+        watcher.watch_many(prepared.watched)
         try:
             # a call waiting for futures: published by the worker that finishes them
             items = self.dependencies.hold(items, prepared.waiting)

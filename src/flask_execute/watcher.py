@@ -168,6 +168,17 @@ class Watcher:
             self._fetch([task_id])
             self._follow(task_id)
 
+    def watch_many(self, items: t.Iterable[tuple[str, t.Any]]) -> None:
+        """:meth:`watch` of many calls of this process (``(task_id, handler)`` pairs),
+        with one lock and one check that the watcher runs: a large ``map``."""
+        with self._lock:
+            for task_id, handler in items:
+                entry = self._entries.get(task_id)
+                if entry is None:
+                    entry = self._entries[task_id] = _Entry(False)
+                entry.add(handler)
+        self.ensure_running()
+
     def hold(self, task_id: str, handler: t.Any) -> None:
         """Keep ``handler`` alive until its task is final (it has callbacks)."""
         with self._lock:
