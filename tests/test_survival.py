@@ -8,8 +8,11 @@ import json
 import logging
 import os
 import signal
+import subprocess
+import sys
 import time
 
+import pytest
 import redis
 from flask import Flask
 from kombu import Exchange
@@ -19,6 +22,10 @@ from flask_execute import Celery
 from flask_execute import supervisor
 from flask_execute.transports import Connection
 from tests.apps import tasks
+from tests.conftest import read_until
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SRC = os.path.join(ROOT, "src")
 
 
 def make_app(broker_url, log_dir, name, **config):
@@ -243,3 +250,107 @@ def test_calls_prefetched_before_a_broker_restart_come_back_soon(private_redis, 
     finally:
         release.touch()
         celery.stop()
+
+
+def _stock_worker(tmp_path, name, *extra):
+    """`celery -A flask_execute.celery worker` of the app module ``lapp``, as a process
+    manager runs it (no supervisor of ours), consuming the queue ``q<name>``."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "flask_execute.celery", "worker",
+         "-n", f"{name}@%h", "-Q", f"q{name}", "-c", "1", "--without-mingle",
+         "--without-gossip", "--loglevel=info", *extra],
+        cwd=tmp_path, env={**os.environ, "FLASK_APP": "lapp:create_app",
+                           "PYTHONPATH": os.pathsep.join([str(tmp_path), SRC, ROOT])},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        read_until(proc, "ready.")
+    except BaseException:
+        _stop_all([proc])
+        raise
+    return proc
+
+
+def _stop_all(procs):
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        proc.stdout.close()
+
+
+@pytest.fixture
+def lapp(private_redis, tmp_modules):
+    """An app run by separate workers ``a`` (queue ``qa``) and ``b`` (``qb``), on a
+    Redis of the test's own; and that Redis's client."""
+    url = private_redis.url + "/0"
+    config = dict(
+        SECRET_KEY="survival-secret-for-tests", CELERY_BROKER_URL=url,
+        CELERY_START_LOCAL_WORKERS=False,
+        CELERY_WORKERS={"a": {"queues": ["qa"]}, "b": {"queues": ["qb"]}},
+    )  # fmt: skip
+    tmp_modules.write_factory_app("lapp", config)
+    app = tmp_modules.load("lapp").create_app()
+    return app, app.extensions["celery"], redis.Redis.from_url(url)
+
+
+def _lease_terms(client):
+    """Seconds each holder in the lease book stays live without renewing."""
+    now = time.time()
+    return [until - now for _, until in client.zrange("unacked:leases", 0, -1, withscores=True)]
+
+
+def test_a_separate_worker_killed_unseen_has_its_calls_put_back_by_another(lapp, tmp_path):
+    """A worker that no supervisor of ours watches (run by systemd, say) is killed
+    holding prefetched calls: a live worker's scan puts them back on their queue once
+    the dead worker's lease lapses (30-40 s), not after the 300 s visibility timeout,
+    and the next worker of that queue runs them."""
+    app, celery, client = lapp
+    procs: list[subprocess.Popen] = []
+    mark, release = tmp_path / "mark", tmp_path / "release"
+    try:
+        procs += [_stock_worker(tmp_path, "a"), _stock_worker(tmp_path, "b")]
+        with app.app_context():
+            celery.submit(tasks.mark_and_wait, str(mark), str(release), 60, queue="qa")
+            wait_until(mark.exists, 20, "the first call to start")
+            queued = [celery.submit(tasks.add, i, i, queue="qa") for i in range(3)]
+            wait_until(lambda: client.hlen("unacked") == 3, 10, "3 prefetched calls")
+            assert all(0 < term <= 30 for term in _lease_terms(client))
+            os.killpg(procs[0].pid, signal.SIGKILL)
+            procs[0].wait()
+            started = time.monotonic()
+            wait_until(lambda: client.llen("qa") == 3, 60, "the calls back on their queue")
+            assert time.monotonic() - started < 55  # the lease, not the 300 s timeout
+            procs.append(_stock_worker(tmp_path, "a"))
+            assert [f.result(timeout=20) for f in queued] == [0, 2, 4]
+    finally:
+        release.touch()
+        _stop_all(procs)
+
+
+def test_a_solo_worker_holds_its_lease_for_the_visibility_timeout(lapp, tmp_path):
+    """A solo worker runs the task in its main process and cannot renew its leases
+    meanwhile: its holder stays live for the visibility timeout (300 s), so a long
+    at-least-once call is not put back, and run again, after 30 s."""
+    app, celery, client = lapp
+    procs: list[subprocess.Popen] = []
+    mark, release = tmp_path / "mark", tmp_path / "release"
+    try:
+        procs.append(_stock_worker(tmp_path, "a", "--pool=solo"))
+        with app.app_context():
+            future = celery.submit(
+                tasks.mark_and_wait, str(mark), str(release), 60, queue="qa", acks_late=True
+            )
+            wait_until(mark.exists, 20, "the call to start")
+            terms = _lease_terms(client)
+            assert terms and all(250 < term <= 300 for term in terms), terms
+            release.touch()
+            assert future.result(timeout=20) == "released"
+    finally:
+        release.touch()
+        _stop_all(procs)

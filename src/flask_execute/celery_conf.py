@@ -39,6 +39,7 @@ from .dispatch import dispatch_entry
 from .dispatch import DISPATCH_LATE
 from .dispatch import SafeRequest
 from .errors import ConfigurationError
+from .leases import LeaseTerm
 from .running import Worker
 
 __all__ = ["FAIL_FAST", "VISIBILITY_TIMEOUT", "CeleryApp", "build", "celery_settings", "serve_long"]
@@ -79,6 +80,7 @@ def build(
     task_class = make_task_class(app, base_task)
     controller = celery_module.Celery(app.import_name, task_cls=task_class, set_as_current=False)
     controller.steps["worker"].add(Advertise)  # what map's automatic chunk size reads
+    controller.steps["worker"].add(LeaseTerm)  # how long its Redis leases last
     timeout = settings.broker_timeout
     conf: dict[str, object] = {
         "broker_url": broker_url,

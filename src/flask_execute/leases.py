@@ -24,15 +24,17 @@ Here each stamp is a lease that the holder renews:
   the messages a worker had prefetched; the worker reconnects on a new channel, with
   the same process id, and its old channel's messages are held by nobody), or the
   worker died where no supervisor saw it, or its supervisor could not reach the
-  broker to give them back. A holder is live while it renewed within
-  :data:`ORPHAN_AFTER` seconds (three scans). Each scan puts back the orphans whose
-  stamp is older than that, and forgets the holders that stopped renewing, instead of
-  leaving their messages for the visibility timeout.
+  broker to give them back. A holder's entry says until when it is live: its last
+  renewal plus :data:`ORPHAN_AFTER` seconds (three scans). Each scan puts back the
+  orphans stamped more than that ago, and forgets the holders no longer live,
+  instead of leaving their messages for the visibility timeout.
 
 The lease is renewed by the worker's main process (its event loop), which a prefork or
 threads pool leaves free while tasks run. A worker whose main process runs the task
-itself (``--pool=solo``) cannot renew while a task runs: there a task that runs longer
-than the visibility timeout is delivered again.
+itself (``--pool=solo``; ``eventlet`` and ``gevent`` when a task blocks) cannot renew
+while a task runs: its holder stays live for the whole visibility timeout
+(:class:`LeaseTerm`, a worker bootstep, says which), and a task that runs longer than
+that is delivered again.
 """
 
 from __future__ import annotations
@@ -44,10 +46,11 @@ import time
 import typing as t
 import uuid
 
+from celery import bootsteps
 from kombu.transport import redis
 from kombu.utils.json import dumps
 
-__all__ = ["ORPHAN_AFTER", "LeasedQoS", "give_back", "lease_book_key", "owner_key"]
+__all__ = ["ORPHAN_AFTER", "LeaseTerm", "LeasedQoS", "give_back", "lease_book_key", "owner_key"]
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +68,18 @@ def owner_key(unacked_key: str, host: str, pid: int, token: str = "") -> str:
 
 
 def lease_book_key(unacked_key: str) -> str:
-    """The sorted set of every holder's :func:`owner_key`, scored by the time it last
-    renewed its leases."""
+    """The sorted set of every holder's :func:`owner_key`, scored by the time until
+    which it is live (its last renewal plus its term)."""
     return f"{unacked_key}:leases"
 
 
 class LeasedQoS(redis.QoS):
     """kombu's Redis QoS, whose held messages are leases renewed by their holder."""
+
+    #: whether this process's event loop runs (and renews) while tasks run: set by
+    #: :class:`LeaseTerm` in a worker; False makes a holder live for the visibility
+    #: timeout instead of :data:`ORPHAN_AFTER`
+    renews_while_tasks_run: t.ClassVar[bool] = True
 
     def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
@@ -83,6 +91,10 @@ class LeasedQoS(redis.QoS):
     @property
     def held_key(self) -> str:
         return owner_key(self.channel.unacked_key, socket.gethostname(), os.getpid(), self._token)
+
+    def _live_until(self, now: float) -> float:
+        term = ORPHAN_AFTER if self.renews_while_tasks_run else float(self.visibility_timeout)
+        return now + term
 
     def _held_ttl(self) -> int:
         # a set nobody renews (its worker died unsupervised) goes away by itself
@@ -99,7 +111,8 @@ class LeasedQoS(redis.QoS):
                 delivery_tag,
                 dumps([message._raw, exchange, routing_key]),  # type: ignore[no-untyped-call]
             ).sadd(self.held_key, delivery_tag).expire(self.held_key, self._held_ttl()).zadd(
-                lease_book_key(self.channel.unacked_key), {self.held_key: time.time()}
+                lease_book_key(self.channel.unacked_key),
+                {self.held_key: self._live_until(time.time())},
             ).execute()
             # kombu's virtual QoS keeps it in memory too (skipping redis.QoS.append)
             super(redis.QoS, self).append(message, delivery_tag)  # type: ignore[no-untyped-call]
@@ -119,7 +132,9 @@ class LeasedQoS(redis.QoS):
                 # XX: only re-stamp what is still unacknowledged (never re-add an ack)
                 pipe.zadd(self.unacked_index_key, dict.fromkeys(tags, now), xx=True)
                 pipe.expire(self.held_key, self._held_ttl())
-                pipe.zadd(lease_book_key(self.channel.unacked_key), {self.held_key: now})
+                pipe.zadd(
+                    lease_book_key(self.channel.unacked_key), {self.held_key: self._live_until(now)}
+                )
                 pipe.execute()
         self.restore_orphans()
         super().restore_visible(*args, **kwargs)  # type: ignore[no-untyped-call]
@@ -129,18 +144,19 @@ class LeasedQoS(redis.QoS):
         more than ``older_than`` seconds ago that no live holder holds, and forget the
         holders that did not renew for that long; return how many were put back."""
         with self.channel.conn_or_acquire() as client:
-            ceiling = time.time() - older_than
-            stale = client.zrangebyscore(self.unacked_index_key, 0, ceiling, start=0, num=1000)
+            now = time.time()
+            stale = client.zrangebyscore(
+                self.unacked_index_key, 0, now - older_than, start=0, num=1000
+            )
             if not stale:
                 return 0  # the usual case: one round trip per scan
             book = lease_book_key(self.channel.unacked_key)
-            for key in client.zrangebyscore(book, 0, ceiling):
-                # a holder that stopped renewing: its worker died or reconnected (a
-                # message stamped after its last renewal is not in its set)
+            for key in client.zrangebyscore(book, 0, now):
+                # a holder that stopped renewing: its worker died or reconnected
                 client.delete(key)
                 client.zrem(book, key)
             held: set[bytes] = set()
-            for key in client.zrangebyscore(book, ceiling, "+inf"):
+            for key in client.zrangebyscore(book, now, "+inf"):
                 held |= client.smembers(key)
             orphans = [tag for tag in stale if tag not in held]
             for tag in orphans:
@@ -151,6 +167,18 @@ class LeasedQoS(redis.QoS):
                 len(orphans),
             )
         return len(orphans)
+
+
+class LeaseTerm(bootsteps.Step):  # type: ignore[misc]
+    """Worker bootstep: a worker whose main process runs the tasks (the ``solo``,
+    ``eventlet`` and ``gevent`` pools) cannot renew its leases while a task runs, so
+    its holder is live for the visibility timeout, not :data:`ORPHAN_AFTER`."""
+
+    def __init__(self, worker: t.Any, **kwargs: t.Any) -> None:
+        super().__init__(worker, **kwargs)
+        module = getattr(worker.pool_cls, "__module__", "") or ""
+        in_main = module.rsplit(".", 1)[-1] in ("solo", "eventlet", "gevent")
+        LeasedQoS.renews_while_tasks_run = not in_main
 
 
 def give_back(channel: t.Any, host: str, pid: int) -> int:
