@@ -34,6 +34,7 @@ from flask import Config
 from flask import Flask
 
 from . import bootfile
+from .flower import stop_on_sigterm
 from .importguard import refuse_calls_while_importing
 from .local import BOOT_ENV
 from .local import BOOT_KEY_ENV
@@ -180,6 +181,8 @@ def celery_app() -> t.Any:
                 )
             if os.environ.get(CHILD_ENV):
                 _install_child_hooks()
+            if "flower" in sys.argv[1:]:  # `celery -A flask_execute.celery flower`
+                stop_on_sigterm()
             _celery_app = extension.runtime(app).controller
         return _celery_app
 

@@ -23,6 +23,7 @@ from flask.cli import with_appcontext
 
 from .flower import flower_login
 from .flower import FLOWER_LOGIN_ENV
+from .flower import stop_on_sigterm
 from .processes import make_private_dir
 from .runtime import Runtime
 from .worker_options import worker_argv
@@ -153,6 +154,7 @@ def flower(args: tuple[str, ...]) -> None:
             err=True,
         )
     defaults = [f"--address={settings.flower_address}", f"--port={settings.flower_port}"]
+    stop_on_sigterm()
     _run_celery(["flower", *defaults, *args])
 
 

@@ -11,13 +11,16 @@ import socket
 import sys
 import threading
 import time
+import typing as t
 
 from .config import Settings
 from .processes import Child
 from .processes import log_tail
 from .processes import spawn
 
-__all__ = ["FLOWER_LOGIN_ENV", "flower_installed", "flower_login", "spawn_flower"]
+__all__ = [
+    "FLOWER_LOGIN_ENV", "flower_installed", "flower_login", "spawn_flower", "stop_on_sigterm",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,30 @@ def flower_installed() -> bool:
         " 'flask-execute[flower]'); not starting it (CELERY_FLOWER=False hides this)."
     )
     return False
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM stop Flower (in this process) cleanly, when Flower is installed.
+
+    Flower's own SIGTERM handler raises ``SystemExit`` wherever the main thread is.
+    Raised while a thread pool starts a thread (Flower's first inspection, right after
+    its banner), it leaves a thread that nothing tells to stop, and the process never
+    exits: ``flask celery flower`` hung on SIGTERM in 3 of 6 stops on a loaded machine.
+    The replacement asks Flower's event loop to stop, as Ctrl+C ends it: Flower's
+    start returns, and the interpreter exits through its usual shutdown.
+    """
+    if importlib.util.find_spec("flower") is None:
+        return
+    from flower import command
+    from tornado.ioloop import IOLoop
+
+    def stop(signum: int, frame: object) -> None:
+        loop = IOLoop.current()
+        # a signal handler runs between two bytecodes of the main thread, which may be
+        # inside the loop itself: only the thread-safe entry point is safe here
+        t.cast(t.Any, loop).asyncio_loop.call_soon_threadsafe(loop.stop)
+
+    command.sigterm_handler = stop  # the command installs it after building Flower
 
 
 def spawn_flower(
