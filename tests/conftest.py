@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
+import subprocess
 import sys
 import tempfile
 import textwrap
@@ -311,3 +313,18 @@ def setup(request: pytest.FixtureRequest) -> Iterator[tuple[object, object]]:
         app, celery = request.getfixturevalue("factory_app"), factory.celery
     with app.app_context():  # type: ignore[attr-defined]
         yield app, celery
+
+
+def stop_sessions(procs: list[t.Any]) -> None:
+    """SIGTERM each process started in a session of its own (its whole group), wait
+    20 s, then SIGKILL the group; close their piped stdout."""
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        proc.stdout.close()

@@ -6,7 +6,6 @@ A timeout names the queue the call waits on."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import pytest
 from flask_execute import TaskTimeoutError
 from tests.apps.tasks import add
 from tests.conftest import read_until
+from tests.conftest import stop_sessions
 from tests.conftest import wait_gone
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,19 +33,6 @@ def _stock_worker(tmp_path, *args):
              "PYTHONPATH": os.pathsep.join([str(tmp_path), SRC, ROOT])},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )  # fmt: skip
-
-
-def _stop(procs):
-    for proc in procs:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-    for proc in procs:
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        proc.stdout.close()
 
 
 @pytest.fixture
@@ -87,7 +74,7 @@ def test_a_stock_worker_consumes_the_queues_the_app_routes_to(tmp_path, qapp):
             assert module.celery.submit(add, 1, 2, queue="high").result(timeout=20) == 3
     finally:
         group = {p for proc in procs for p in _group(proc)}
-        _stop(procs)
+        stop_sessions(procs)
         assert not wait_gone(group, 10)
 
 

@@ -23,6 +23,7 @@ from flask_execute import supervisor
 from flask_execute.transports import Connection
 from tests.apps import tasks
 from tests.conftest import read_until
+from tests.conftest import stop_sessions
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SRC = os.path.join(ROOT, "src")
@@ -266,22 +267,9 @@ def _stock_worker(tmp_path, name, *extra):
     try:
         read_until(proc, "ready.")
     except BaseException:
-        _stop_all([proc])
+        stop_sessions([proc])
         raise
     return proc
-
-
-def _stop_all(procs):
-    for proc in procs:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-    for proc in procs:
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        proc.stdout.close()
 
 
 @pytest.fixture
@@ -330,7 +318,7 @@ def test_a_separate_worker_killed_unseen_has_its_calls_put_back_by_another(lapp,
             assert [f.result(timeout=20) for f in queued] == [0, 2, 4]
     finally:
         release.touch()
-        _stop_all(procs)
+        stop_sessions(procs)
 
 
 def test_a_solo_worker_holds_its_lease_for_the_visibility_timeout(lapp, tmp_path):
@@ -353,4 +341,4 @@ def test_a_solo_worker_holds_its_lease_for_the_visibility_timeout(lapp, tmp_path
             assert future.result(timeout=20) == "released"
     finally:
         release.touch()
-        _stop_all(procs)
+        stop_sessions(procs)
