@@ -25,6 +25,7 @@ from flask_execute.processes import terminate
 from flask_execute.processes import wait_ready
 from tests.apps import tasks
 from tests.conftest import descendants
+from tests.conftest import read_until
 from tests.conftest import wait_gone
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -201,18 +202,13 @@ def _webproc(config, *args, env=None):
 
 
 def _read_ready(proc, timeout=30):
-    lines = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if line.startswith("READY"):
-            return json.loads(line.split(" ", 1)[1]), lines
-    proc.kill()
-    proc.wait()
-    raise AssertionError("web process did not get ready:\n" + "".join(lines))
+    try:
+        lines = read_until(proc, "READY ", timeout)
+    except AssertionError:
+        proc.kill()
+        proc.wait()
+        raise
+    return json.loads(lines[-1].split(" ", 1)[1]), lines
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
