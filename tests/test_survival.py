@@ -175,27 +175,33 @@ def test_a_worker_restarted_while_the_broker_is_down_is_not_given_up(
                for r in caplog.records)  # fmt: skip
 
 
-def test_an_unacknowledged_message_nobody_holds_is_put_back_soon(broker_url, log_dir, tmp_path):
+@pytest.mark.parametrize("prefix", ["", "app1:"], ids=["plain", "global_keyprefix"])
+def test_an_unacknowledged_message_nobody_holds_is_put_back_soon(
+    broker_url, log_dir, tmp_path, prefix
+):
     """A worker took a message, then lost its connection while giving it back (what a
     broker restart does to the messages a worker had prefetched): the message waits in
     kombu's unacknowledged hash, held by no worker. It is put back on the next scan,
-    not after the visibility timeout (300 s)."""
-    web, web_celery = make_app(broker_url, log_dir, "orphans", CELERY_START_LOCAL_WORKERS=False)
+    not after the visibility timeout (300 s). With a ``global_keyprefix`` too: the scan
+    read the unprefixed index, found nothing, and left it for the visibility timeout."""
+    options = {"global_keyprefix": prefix} if prefix else {}
+    web, web_celery = make_app(broker_url, log_dir, "orphans", CELERY_START_LOCAL_WORKERS=False,
+                               CELERY_BROKER_TRANSPORT_OPTIONS=options)  # fmt: skip
     client = redis.Redis.from_url(broker_url)
     with web.app_context():
         future = web_celery.submit(tasks.touch, str(tmp_path / "ran"))
     # take it off the queue as a worker would, and leave it unacknowledged, stamped 60 s
     # ago, in nobody's set of held messages
-    raw = json.loads(client.rpop("celery"))
+    raw = json.loads(client.rpop(f"{prefix}celery"))
     tag = raw["properties"]["delivery_tag"]
-    client.hset("unacked", tag, json.dumps([raw, "celery", "celery"]))
-    client.zadd("unacked_index", {tag: time.time() - 60})
-    app, celery = make_app(broker_url, log_dir, "orphans")
+    client.hset(f"{prefix}unacked", tag, json.dumps([raw, "celery", "celery"]))
+    client.zadd(f"{prefix}unacked_index", {tag: time.time() - 60})
+    app, celery = make_app(broker_url, log_dir, "orphans", CELERY_BROKER_TRANSPORT_OPTIONS=options)
     try:
         with app.app_context():
             celery.start()
         assert future.result(timeout=25) == str(tmp_path / "ran")
-        assert client.hlen("unacked") == 0
+        assert client.hlen(f"{prefix}unacked") == 0
     finally:
         celery.stop()
 

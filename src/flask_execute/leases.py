@@ -110,7 +110,9 @@ class LeasedQoS(redis.QoS):
                 self.unacked_key,
                 delivery_tag,
                 dumps([message._raw, exchange, routing_key]),  # type: ignore[no-untyped-call]
-            ).sadd(self.held_key, delivery_tag).expire(self.held_key, self._held_ttl()).zadd(
+            ).sadd(self.held_key, delivery_tag).pexpire(
+                self.held_key, self._held_ttl() * 1000
+            ).zadd(
                 lease_book_key(self.channel.unacked_key),
                 {self.held_key: self._live_until(time.time())},
             ).execute()
@@ -131,7 +133,7 @@ class LeasedQoS(redis.QoS):
                 pipe = client.pipeline(transaction=False)
                 # XX: only re-stamp what is still unacknowledged (never re-add an ack)
                 pipe.zadd(self.unacked_index_key, dict.fromkeys(tags, now), xx=True)
-                pipe.expire(self.held_key, self._held_ttl())
+                pipe.pexpire(self.held_key, self._held_ttl() * 1000)
                 pipe.zadd(
                     lease_book_key(self.channel.unacked_key), {self.held_key: self._live_until(now)}
                 )
@@ -145,18 +147,20 @@ class LeasedQoS(redis.QoS):
         holders that did not renew for that long; return how many were put back."""
         with self.channel.conn_or_acquire() as client:
             now = time.time()
-            stale = client.zrangebyscore(
-                self.unacked_index_key, 0, now - older_than, start=0, num=1000
+            # ZRANGE ... BYSCORE, not ZRANGEBYSCORE: kombu's client prefixes the keys
+            # of the commands it knows (``global_keyprefix``), and only those
+            stale = client.zrange(
+                self.unacked_index_key, 0, now - older_than, byscore=True, offset=0, num=1000
             )
             if not stale:
                 return 0  # the usual case: one round trip per scan
             book = lease_book_key(self.channel.unacked_key)
-            for key in client.zrangebyscore(book, 0, now):
+            for key in client.zrange(book, 0, now, byscore=True):
                 # a holder that stopped renewing: its worker died or reconnected
                 client.delete(key)
                 client.zrem(book, key)
             held: set[bytes] = set()
-            for key in client.zrangebyscore(book, now, "+inf"):
+            for key in client.zrange(book, now, "+inf", byscore=True):
                 held |= client.smembers(key)
             orphans = [tag for tag in stale if tag not in held]
             for tag in orphans:
