@@ -170,6 +170,20 @@ CRASHES: dict[str, Callable[[dict], dict]] = {
 }
 
 
+def test_pooled_connections_use_the_gated_transports(broker_url):
+    """Celery's broker pool (every publish, and the replies of celery.status() and
+    inspect) took kombu 5.7's plain PooledConnection, with kombu's own transport: its
+    reply consumer had none of the gates below."""
+    app = Flask("admission_pool")
+    app.config.update(SECRET_KEY="pool-secret-for-tests", CELERY_BROKER_URL=broker_url,
+                      CELERY_START_LOCAL_WORKERS=False)  # fmt: skip
+    Celery(app)
+    controller = app.extensions["celery"].runtime(app).controller
+    with controller.pool.acquire(block=True, timeout=5) as connection:
+        assert isinstance(connection, transports.Connection)
+        assert isinstance(connection.transport, transports.RedisTransport)
+
+
 @pytest.mark.parametrize("kind", ["dispatch", "registered"])
 @pytest.mark.parametrize("crash", CRASHES)
 def test_a_malformed_message_is_refused_and_the_worker_lives(attack, crash, kind):

@@ -25,6 +25,8 @@ from queue import Empty
 
 from celery.app.amqp import AMQP as CeleryAMQP
 from kombu.connection import Connection as KombuConnection
+from kombu.connection import ConnectionPool as KombuConnectionPool
+from kombu.connection import PooledConnection as KombuPooledConnection
 from kombu.transport import pyamqp
 from kombu.transport import redis
 from kombu.utils import json as kombu_json
@@ -36,7 +38,7 @@ from .refusals import kind
 from .refusals import Refused
 from .refusals import shown
 
-__all__ = ["AMQP", "COMPRESSION", "Connection", "envelope"]
+__all__ = ["AMQP", "COMPRESSION", "Connection", "ConnectionPool", "envelope"]
 
 #: Where the transports set a message's ``compression`` header aside.
 COMPRESSION = "x-flask-execute-compression"
@@ -229,11 +231,28 @@ _GATED: dict[type, type] = {
 class Connection(KombuConnection):
     """kombu's connection, using our transports in place of kombu's Redis and RabbitMQ
     ones. The URL and ``transport_cls`` stay as configured, so ``as_uri()``, ``info()``
-    and Flower still read ``redis://``."""
+    and Flower still read ``redis://``. Its pool (Celery's ``app.pool``, which every
+    publish and remote-control call acquires from) holds connections of this kind
+    too: kombu's own pool makes plain ``PooledConnection`` objects."""
 
     def get_transport_cls(self) -> type:
         cls = t.cast(type, super().get_transport_cls())  # type: ignore[no-untyped-call]
         return _GATED.get(cls, cls)
+
+    def Pool(self, limit: int | None = None, **kwargs: t.Any) -> ConnectionPool:
+        return ConnectionPool(self, limit=limit, **kwargs)  # type: ignore[no-untyped-call]
+
+
+class PooledConnection(KombuPooledConnection, Connection):
+    """kombu's pooled connection, with our transports."""
+
+
+class ConnectionPool(KombuConnectionPool):
+    """kombu's connection pool, of :class:`PooledConnection` objects."""
+
+    def new(self) -> PooledConnection:
+        info = self.connection._info(resolve=False)
+        return PooledConnection(self, **dict(info))  # type: ignore[no-untyped-call]
 
 
 class AMQP(CeleryAMQP):  # type: ignore[misc]
