@@ -206,6 +206,29 @@ def test_an_unacknowledged_message_nobody_holds_is_put_back_soon(
         celery.stop()
 
 
+def test_a_forged_unacknowledged_entry_does_not_stop_the_orphan_scan(broker_url, log_dir, tmp_path):
+    """An entry of kombu's unacknowledged hash that is not what kombu records (anyone
+    with access to the broker can write one) made the scan raise at it, every time:
+    the orphans after it were never put back."""
+    web, web_celery = make_app(broker_url, log_dir, "forged", CELERY_START_LOCAL_WORKERS=False)
+    client = redis.Redis.from_url(broker_url)
+    with web.app_context():
+        future = web_celery.submit(tasks.touch, str(tmp_path / "ran"))
+    raw = json.loads(client.rpop("celery"))
+    tag = raw["properties"]["delivery_tag"]
+    client.hset("unacked", tag, json.dumps([raw, "celery", "celery"]))
+    client.hset("unacked", "forged", "[not json")
+    client.zadd("unacked_index", {"forged": time.time() - 61, tag: time.time() - 60})
+    app, celery = make_app(broker_url, log_dir, "forged")
+    try:
+        with app.app_context():
+            celery.start()
+        assert future.result(timeout=25) == str(tmp_path / "ran")
+        assert client.hlen("unacked") == 0
+    finally:
+        celery.stop()
+
+
 def test_a_call_stopped_by_a_cold_shutdown_fails_saying_so(broker_url, log_dir, tmp_path):
     """A cold stop while an at-most-once call runs: Celery stores RETRY ('cancelled by
     Celery') although the message was acknowledged and never comes back, so the future

@@ -7,7 +7,9 @@ acknowledges it; any consumer puts back a message whose stamp is older than the
 visibility timeout. So the timeout has to outlive the longest task, ETA and countdown
 (one hour by default), and a message held by a worker that was killed waits that long.
 
-Here each stamp is a lease that the holder renews:
+Here each stamp is a lease that the holder renews (a worker's channel records a
+message as held in the same atomic step as it takes it off its queue:
+:mod:`flask_execute.fetch`):
 
 * every ``unacked_restore_interval`` seconds (10), a worker re-stamps every message it
   still holds (:meth:`LeasedQoS.restore_visible`, before kombu's own sweep), so a
@@ -87,22 +89,33 @@ class LeasedQoS(redis.QoS):
         # and the old channel's messages (which it can no longer acknowledge) are
         # orphans once the old holder stops being renewed
         self._token = uuid.uuid4().hex[:12]
+        #: the delivery tag of the message the channel is delivering now, which its
+        #: fetch (:mod:`flask_execute.fetch`) recorded as held already
+        self.recorded: str | None = None
 
     @property
     def held_key(self) -> str:
         return owner_key(self.channel.unacked_key, socket.gethostname(), os.getpid(), self._token)
 
-    def _live_until(self, now: float) -> float:
+    def live_until(self, now: float) -> float:
+        """Until when this channel's holder is live, renewed at ``now``."""
         term = ORPHAN_AFTER if self.renews_while_tasks_run else float(self.visibility_timeout)
         return now + term
 
-    def _held_ttl(self) -> int:
-        # a set nobody renews (its worker died unsupervised) goes away by itself
+    def held_ttl(self) -> int:
+        """Seconds the held set outlives its last renewal: a set nobody renews (its
+        worker died unsupervised) goes away by itself."""
         return int(max(60.0, 4 * float(self.visibility_timeout)))
 
     def append(self, message: t.Any, delivery_tag: str) -> None:
         """Record a message as held: kombu's hash and index, and our own set, in one
-        transaction."""
+        transaction; in memory only when the channel's fetch recorded it already
+        (:attr:`recorded`)."""
+        if delivery_tag == self.recorded:
+            self.recorded = None
+            # kombu's virtual QoS keeps it in memory (skipping redis.QoS.append)
+            super(redis.QoS, self).append(message, delivery_tag)  # type: ignore[no-untyped-call]
+            return
         delivery = message.delivery_info
         exchange, routing_key = delivery["exchange"], delivery["routing_key"]
         with self.pipe_or_acquire() as pipe:
@@ -110,14 +123,16 @@ class LeasedQoS(redis.QoS):
                 self.unacked_key,
                 delivery_tag,
                 dumps([message._raw, exchange, routing_key]),  # type: ignore[no-untyped-call]
-            ).sadd(self.held_key, delivery_tag).pexpire(
-                self.held_key, self._held_ttl() * 1000
-            ).zadd(
+            ).sadd(self.held_key, delivery_tag).pexpire(self.held_key, self.held_ttl() * 1000).zadd(
                 lease_book_key(self.channel.unacked_key),
-                {self.held_key: self._live_until(time.time())},
+                {self.held_key: self.live_until(time.time())},
             ).execute()
-            # kombu's virtual QoS keeps it in memory too (skipping redis.QoS.append)
             super(redis.QoS, self).append(message, delivery_tag)  # type: ignore[no-untyped-call]
+
+    def forget(self, delivery_tag: str) -> None:
+        """Take a recorded message out of the books without putting it back (it was
+        refused, or nothing will acknowledge it)."""
+        self._remove_from_indices(delivery_tag).execute()
 
     def _remove_from_indices(self, delivery_tag: str, pipe: t.Any = None) -> t.Any:
         pipe = super()._remove_from_indices(delivery_tag, pipe)  # type: ignore[no-untyped-call]
@@ -133,9 +148,9 @@ class LeasedQoS(redis.QoS):
                 pipe = client.pipeline(transaction=False)
                 # XX: only re-stamp what is still unacknowledged (never re-add an ack)
                 pipe.zadd(self.unacked_index_key, dict.fromkeys(tags, now), xx=True)
-                pipe.pexpire(self.held_key, self._held_ttl() * 1000)
+                pipe.pexpire(self.held_key, self.held_ttl() * 1000)
                 pipe.zadd(
-                    lease_book_key(self.channel.unacked_key), {self.held_key: self._live_until(now)}
+                    lease_book_key(self.channel.unacked_key), {self.held_key: self.live_until(now)}
                 )
                 pipe.execute()
         self.restore_orphans()
@@ -164,7 +179,13 @@ class LeasedQoS(redis.QoS):
                 held |= client.smembers(key)
             orphans = [tag for tag in stale if tag not in held]
             for tag in orphans:
-                self.restore_by_tag(tag.decode(), client, leftmost=True)  # type: ignore[no-untyped-call]
+                try:
+                    self.restore_by_tag(tag.decode(), client, leftmost=True)  # type: ignore[no-untyped-call]
+                except (ValueError, TypeError, KeyError) as exc:
+                    # not what kombu records (written by someone with access to the
+                    # broker): drop it, or it would stop every scan here
+                    log.critical("flask-execute: dropped unacknowledged entry %r: %s", tag, exc)
+                    self.forget(tag.decode())
         if orphans:
             log.warning(
                 "flask-execute: put back %d unacknowledged message(s) that no worker held",

@@ -5,8 +5,10 @@ kombu's Redis channel parses each queue item (and each item published to every w
 remote control, worker events) as JSON and builds a message from what it finds; an item
 that is not JSON, or JSON that is not kombu's envelope (properties, a delivery tag, a
 body kombu can decode), raises inside the worker's event loop and stops its main
-process. Here such an item is dropped (it was popped off the list and never entered
-the unacknowledged hash: it is gone) and logged once at CRITICAL.
+process. Here such an item is dropped (it was popped off the list, and taken out of
+the unacknowledged hash if the fetch recorded it there: it is gone) and logged once
+at CRITICAL. Our Redis channels take messages with :mod:`flask_execute.fetch`, which
+checks each item here (:meth:`_ChannelGate._parse`) before delivering it.
 
 kombu also inflates a message with a ``compression`` header as it builds it, with no
 bound. Our Redis and RabbitMQ transports set that header aside under
@@ -30,7 +32,9 @@ from kombu.connection import PooledConnection as KombuPooledConnection
 from kombu.transport import pyamqp
 from kombu.transport import redis
 from kombu.utils import json as kombu_json
+from kombu.utils.encoding import bytes_to_str
 
+from .fetch import ReliableFetch
 from .leases import LeasedQoS
 from .refusals import alert
 from .refusals import failure
@@ -38,13 +42,17 @@ from .refusals import kind
 from .refusals import Refused
 from .refusals import shown
 
-__all__ = ["AMQP", "COMPRESSION", "Connection", "ConnectionPool", "envelope"]
+__all__ = ["AMQP", "COMPRESSION", "Checked", "Connection", "ConnectionPool", "envelope"]
 
 #: Where the transports set a message's ``compression`` header aside.
 COMPRESSION = "x-flask-execute-compression"
 
 
-def envelope(item: object, codecs: t.Mapping[str, t.Any]) -> dict[str, t.Any]:
+class Checked(dict[str, t.Any]):
+    """A queue item :func:`envelope` let through (no JSON parse makes one)."""
+
+
+def envelope(item: object, codecs: t.Mapping[str, t.Any]) -> Checked:
     """Check a Redis queue item (parsed JSON) against the envelope kombu builds a
     message from, and return it with its ``compression`` header set aside.
 
@@ -87,7 +95,7 @@ def envelope(item: object, codecs: t.Mapping[str, t.Any]) -> dict[str, t.Any]:
         set_aside = {k: v for k, v in headers.items() if k != "compression"}
         set_aside[COMPRESSION] = headers["compression"]
         item = {**item, "headers": set_aside}
-    return item
+    return Checked(item)
 
 
 def _raw_id(item: object) -> object:
@@ -121,6 +129,22 @@ _RECEIVE_ONE = redis.Channel._receive_one.__code__
 class _ChannelGate:
     """For kombu's Redis channels: an item kombu cannot parse is dropped, logged."""
 
+    codecs: t.Any
+
+    def _parse(self, raw: bytes) -> dict[str, t.Any] | None:
+        """For :class:`~flask_execute.fetch.ReliableFetch`: a queue item it took, checked
+        by :func:`envelope`, or None when it is refused (logged)."""
+        try:
+            item = kombu_json.loads(bytes_to_str(raw))  # type: ignore[no-untyped-call]
+        except Exception as exc:
+            alert(None, Refused("malformed", f"The queue item is not JSON: {failure(exc)}."))
+            return None
+        try:
+            return envelope(item, self.codecs)
+        except Refused as refused:
+            alert(_raw_id(item), refused)
+            return None
+
     def _brpop_read(self, **options: t.Any) -> t.Any:
         try:
             return super()._brpop_read(**options)  # type: ignore[misc]
@@ -146,11 +170,12 @@ class _TransportGate:
     Channel: t.Any
 
     def _deliver(self, message: t.Any, queue: str) -> None:
-        try:
-            message = envelope(message, self.Channel.codecs)
-        except Refused as refused:
-            alert(_raw_id(message), refused)
-            return  # popped off the list, never in the unacked hash: gone
+        if not isinstance(message, Checked):  # checked already by the channel's fetch
+            try:
+                message = envelope(message, self.Channel.codecs)
+            except Refused as refused:
+                alert(_raw_id(message), refused)
+                return  # popped off the list, never in the unacked hash: gone
         super()._deliver(message, queue)  # type: ignore[misc]
 
 
@@ -183,7 +208,7 @@ class _Detached:
             transport.client = None
 
 
-class _RedisChannel(_ChannelGate, _Detached, redis.Channel):
+class _RedisChannel(_ChannelGate, ReliableFetch, _Detached, redis.Channel):
     QoS = LeasedQoS
 
 
@@ -191,7 +216,7 @@ class RedisTransport(_TransportGate, redis.Transport):
     Channel = _RedisChannel
 
 
-class _SentinelChannel(_ChannelGate, _Detached, redis.SentinelChannel):
+class _SentinelChannel(_ChannelGate, ReliableFetch, _Detached, redis.SentinelChannel):
     QoS = LeasedQoS
 
 
