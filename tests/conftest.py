@@ -41,7 +41,7 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("FLASK_EXECUTE_TEST_LOGS", LOG_DIR)
     if "FLASK_EXECUTE_TEST_REDIS" not in os.environ:
         _redis = EmbeddedRedis(
-            os.path.join(_tmp.name, "redis"), port=free_port(), extra_args=["--databases", "256"]
+            os.path.join(_tmp.name, "redis"), port=free_port(), extra_args=["--databases", "1024"]
         )
         _redis.start()
         os.environ["FLASK_EXECUTE_TEST_REDIS"] = _redis.url
@@ -63,12 +63,12 @@ def redis_url() -> str:
 
 # dbs 1-2: the shared apps, 3: tests/apps/streaming.py, 13-15: the app modules of
 # test_registry, 16+: one per test
-_db = iter(range(16, 256))
+_db = iter(range(16, 1024))
 
 
 def fresh_db_url(redis_url: str) -> str:
-    """The URL of a Redis db of its own (the private Redis has 256; an external one
-    given by FLASK_EXECUTE_TEST_REDIS needs `databases 256` too)."""
+    """The URL of a Redis db of its own (the private Redis has 1024; an external one
+    given by FLASK_EXECUTE_TEST_REDIS needs `databases 1024` too)."""
     return f"{redis_url}/{next(_db)}"
 
 

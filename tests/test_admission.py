@@ -69,7 +69,7 @@ class Guarded(Target):
         queue = f"inspect-only-{task_id}"
         guarded_app.echo.apply_async(args, task_id=task_id, queue=queue)
         raw = self.client.rpop(queue)
-        for key in self.client.scan_iter(f"_kombu.*{queue}"):
+        for key in self.client.scan_iter(f"_*{queue}"):  # bindings, bell
             self.client.delete(key)
         assert raw is not None
         return json.loads(raw)

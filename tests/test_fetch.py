@@ -17,6 +17,7 @@ from kombu import Exchange
 from kombu import Queue
 
 from flask_execute import Celery
+from flask_execute.fetch import BELL_TTL_MS
 from flask_execute.fetch import bell_key
 from flask_execute.transports import Connection
 from tests.apps import tasks
@@ -73,6 +74,7 @@ def test_every_publish_rings_its_queues_bell(broker_url, log_dir):
     celery.submit(tasks.add, 2, 2, queue="other")
     assert client.llen("celery") == client.llen(bell_key("celery")) == 1
     assert client.llen("other") == client.llen(bell_key("other")) == 1
+    assert 0 < client.pttl(bell_key("celery")) <= BELL_TTL_MS  # a bell nobody pops goes
 
 
 def _publish(connection, queue, bodies):

@@ -146,7 +146,7 @@ class Target:
         task = self.state.dispatch_late if late else self.state.dispatch
         task.apply_async((envelope,), task_id=task_id, queue=queue, shadow="m:f", argsrepr="<m:f>")
         raw = self.client.rpop(queue)
-        for key in self.client.scan_iter(f"_kombu.*{queue}"):
+        for key in self.client.scan_iter(f"_*{queue}"):  # bindings, bell
             self.client.delete(key)
         assert raw is not None
         return json.loads(raw)

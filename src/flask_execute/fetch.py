@@ -26,7 +26,8 @@ bell (:func:`bell_key`) in the same transaction. The channel alternates:
 
 A message taken while the channel drains a queue spends one token of its queue's bell,
 so a bell holds about as many tokens as its queue holds messages; a script that finds
-every queue of the channel empty clears their bells. The script runs in the poll's
+every queue of the channel empty clears their bells, and a bell expires a minute after
+its last ring (:data:`BELL_TTL_MS`). The script runs in the poll's
 place on the same connection, so taking costs one round trip per message, as ``BRPOP``
 and kombu's ``append`` did (one fewer: ``append`` had its own).
 
@@ -48,7 +49,7 @@ from redis.exceptions import NoScriptError
 
 from .leases import lease_book_key
 
-__all__ = ["TAKE", "ReliableFetch", "bell_key"]
+__all__ = ["BELL_TTL_MS", "TAKE", "ReliableFetch", "bell_key"]
 
 #: Pop the first message of the given queue keys and record it as held, atomically.
 #: KEYS: the unacknowledged hash, its index, the channel's held set, the lease book,
@@ -93,6 +94,13 @@ return false
 _TAKE_SHA = hashlib.sha1(TAKE.encode()).hexdigest()
 
 
+#: milliseconds a bell outlives its last ring. A token only matters to a channel that
+#: is waiting, or about to wait (it has just found every queue empty, with its take,
+#: which runs before every wait): a token nobody popped within a minute wakes nobody,
+#: and a bell whose queue nobody consumes, or that something else emptied, goes away.
+BELL_TTL_MS = 60_000
+
+
 def bell_key(queue: str) -> str:
     """The list of wake-up tokens of ``queue`` (one pushed per message put on it)."""
     return f"_flask_execute.bell.{queue}"
@@ -114,11 +122,16 @@ class _Ringing:
 
     def lpush(self, key: str, value: t.Any) -> t.Any:
         self._pipe.lpush(key, value)
-        return self._pipe.lpush(bell_key(key.rsplit(self._sep, 1)[0]), 1)
+        return self._ring(key)
 
     def rpush(self, key: str, value: t.Any) -> t.Any:
         self._pipe.rpush(key, value)
-        return self._pipe.lpush(bell_key(key.rsplit(self._sep, 1)[0]), 1)
+        return self._ring(key)
+
+    def _ring(self, key: str) -> t.Any:
+        bell = bell_key(key.rsplit(self._sep, 1)[0])
+        self._pipe.lpush(bell, 1)
+        return self._pipe.pexpire(bell, BELL_TTL_MS)
 
     def __getattr__(self, name: str) -> t.Any:
         return getattr(self._pipe, name)
@@ -263,6 +276,7 @@ class ReliableFetch:
         commands = _Commands()
         super()._put(queue, message, _publish_batch=commands, **kwargs)  # type: ignore[misc]
         commands.add("lpush", bell_key(queue), 1)
+        commands.add("pexpire", bell_key(queue), BELL_TTL_MS)
         if batch is not None:
             for name, args in commands:
                 batch.add(name, *args)
