@@ -17,8 +17,8 @@ from kombu import Exchange
 from kombu import Queue
 
 from flask_execute import Celery
-from flask_execute.fetch import BELL_TTL_MS
 from flask_execute.fetch import bell_key
+from flask_execute.fetch import BELL_TTL_MS
 from flask_execute.transports import Connection
 from tests.apps import tasks
 
