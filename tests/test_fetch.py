@@ -12,32 +12,15 @@ import time
 
 import pytest
 import redis
-from flask import Flask
 from kombu import Exchange
 from kombu import Queue
 
-from flask_execute import Celery
 from flask_execute.fetch import bell_key
 from flask_execute.fetch import BELL_TTL_MS
 from flask_execute.transports import Connection
 from tests.apps import tasks
-
-
-def make_app(broker_url, log_dir, name, **config):
-    app = Flask(f"fetch_{name}")
-    app.config.update(
-        SECRET_KEY="fetch-secret-for-tests", CELERY_BROKER_URL=broker_url,
-        CELERY_LOG_DIR=log_dir, CELERY_WORKERS={name: {"concurrency": 1}}, CELERY_FLOWER=False,
-    )  # fmt: skip
-    app.config.update(config)
-    return app, Celery(app)
-
-
-def wait_until(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
+from tests.test_survival import make_app
+from tests.test_survival import wait_until
 
 
 @pytest.mark.parametrize("late", [False, True], ids=["at_most_once", "at_least_once"])
