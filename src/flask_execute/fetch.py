@@ -176,8 +176,8 @@ class ReliableFetch:
     def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
         super().__init__(*args, **kwargs)
         self._no_ack_queues: set[str] = set()
-        #: the queue keys the take in flight tries, in order
-        self._keys: list[str] = []
+        #: the queue of each key the take in flight tries, in order
+        self._from: list[str] = []
 
     # --- consuming -----------------------------------------------------------------
 
@@ -194,21 +194,19 @@ class ReliableFetch:
             return None
         prefix = self.global_keyprefix
         if self._taking_next:
-            keys = [self._q_for_pri(q, pri) for pri in self.priority_steps for q in queues]
-            bells = [bell_key(key.rsplit(self.sep, 1)[0]) for key in keys]
-            qos = self.qos
-            now = time()
-            names = [self.unacked_key, self.unacked_index_key, qos.held_key]
-            names += [lease_book_key(self.unacked_key), *keys, *bells]
+            # (queue, key) for each queue key, in kombu's BRPOP order
+            taken = [(q, self._q_for_pri(q, pri)) for pri in self.priority_steps for q in queues]
+            qos, now = self.qos, time()
+            held = qos.held_key
+            names = [self.unacked_key, self.unacked_index_key, held]
+            names += [lease_book_key(self.unacked_key)]
+            names += [key for _, key in taken] + [bell_key(q) for q, _ in taken]
             args: list[t.Any] = ["EVALSHA", _TAKE_SHA, len(names)]
             args += [prefix + name for name in names]
-            args += [now, qos.held_ttl(), qos.live_until(now), qos.held_key, len(keys)]
+            args += [now, qos.held_ttl(), qos.live_until(now), held, len(taken)]
             args.append(1 if self._woken else 0)
-            no_ack = self._no_ack_queues
-            args.append(
-                "".join("0" if key.rsplit(self.sep, 1)[0] in no_ack else "1" for key in keys)
-            )
-            self._keys, self._sent = keys, "take"
+            args.append("".join("0" if q in self._no_ack_queues else "1" for q, _ in taken))
+            self._from, self._sent = [q for q, _ in taken], "take"
         else:
             if timeout is None:
                 timeout = self.brpop_timeout
@@ -248,7 +246,7 @@ class ReliableFetch:
             self._taking_next = False
             raise Empty()
         index, raw, tag = reply
-        dest = self._keys[int(index) - 1].rsplit(self.sep, 1)[0]
+        dest = self._from[int(index) - 1]
         self._queue_cycle.rotate(dest)
         tag = bytes_to_str(tag) if tag else None  # type: ignore[no-untyped-call]
         message = self._parse(raw)

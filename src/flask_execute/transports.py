@@ -126,6 +126,17 @@ _BRPOP_READ = redis.Channel._brpop_read.__code__
 _RECEIVE_ONE = redis.Channel._receive_one.__code__
 
 
+def _admitted(item: object, codecs: t.Mapping[str, t.Any]) -> Checked | None:
+    """``item`` checked by :func:`envelope`, or None when it is refused (logged)."""
+    if isinstance(item, Checked):
+        return item
+    try:
+        return envelope(item, codecs)
+    except Refused as refused:
+        alert(_raw_id(item), refused)
+        return None
+
+
 class _ChannelGate:
     """For kombu's Redis channels: an item kombu cannot parse is dropped, logged."""
 
@@ -139,11 +150,7 @@ class _ChannelGate:
         except Exception as exc:
             alert(None, Refused("malformed", f"The queue item is not JSON: {failure(exc)}."))
             return None
-        try:
-            return envelope(item, self.codecs)
-        except Refused as refused:
-            alert(_raw_id(item), refused)
-            return None
+        return _admitted(item, self.codecs)
 
     def _brpop_read(self, **options: t.Any) -> t.Any:
         try:
@@ -170,13 +177,10 @@ class _TransportGate:
     Channel: t.Any
 
     def _deliver(self, message: t.Any, queue: str) -> None:
-        if not isinstance(message, Checked):  # checked already by the channel's fetch
-            try:
-                message = envelope(message, self.Channel.codecs)
-            except Refused as refused:
-                alert(_raw_id(message), refused)
-                return  # popped off the list, never in the unacked hash: gone
-        super()._deliver(message, queue)  # type: ignore[misc]
+        checked = _admitted(message, self.Channel.codecs)  # the fetch's: checked already
+        if checked is None:
+            return  # popped off the list, never in the unacked hash: gone
+        super()._deliver(checked, queue)  # type: ignore[misc]
 
 
 class _Detached:
